@@ -1,0 +1,597 @@
+//! The gateway's configuration: file -> [`raw`] (serde, unknown keys rejected) -> [`Config`]
+//! (validated, typed). Every error names the file, the line and column, and the key.
+
+mod raw;
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::Authority;
+use raw::{RawConfig, RawRoute, Text};
+use toml::Spanned;
+
+/// A configuration that has passed every check that does not need the network or the disk
+/// beyond reading the file itself (certificates are loaded by [`crate::tls`]).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from; certificate paths are relative to the working directory.
+    pub path: PathBuf,
+    pub listen: Listen,
+    pub limits: Limits,
+    /// Worker threads of the tokio runtime; `None` means one per core.
+    pub worker_threads: Option<usize>,
+    pub shutdown: Shutdown,
+    pub certs: Vec<CertFiles>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub https: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub http_mode: HttpMode,
+    pub admin: Option<SocketAddr>,
+}
+
+/// What the plain-HTTP listener does with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpMode {
+    /// 308 to the same host, path and query on the TLS listener.
+    Redirect,
+    /// Route and forward exactly as the TLS listener does.
+    Proxy,
+}
+
+/// Protection that is on by default: every limit bounds what one client can hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Time a client has to send a complete request head (slowloris); also ends idle keep-alive.
+    pub header_read_timeout: Duration,
+    /// Largest request head, in bytes; beyond it HTTP/1.1 clients get 431.
+    pub max_header_size: usize,
+    pub tls_handshake_timeout: Duration,
+    /// Open client connections across all listeners; further ones wait in the kernel backlog.
+    pub max_connections: usize,
+    pub h2_max_concurrent_streams: u32,
+    /// Streams a client may open and reset before being served (CVE-2023-44487, rapid reset).
+    pub h2_max_pending_reset_streams: usize,
+    pub h2_max_local_error_reset_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_size: 32 * 1024,
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            h2_max_concurrent_streams: 256,
+            h2_max_pending_reset_streams: 20,
+            h2_max_local_error_reset_streams: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    /// How long in-flight requests and streams get to finish after a shutdown signal.
+    pub grace: Duration,
+    /// How long the gateway keeps serving, not ready, before it stops accepting.
+    pub delay: Duration,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            grace: Duration::from_secs(30),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One `[[route]]`, validated.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Position in the file, for messages (`route[2]`).
+    pub index: usize,
+    pub host: HostMatch,
+    /// Path prefix without a trailing slash ("" for `/`).
+    pub path: String,
+    pub backends: Vec<Authority>,
+    pub strip_prefix: bool,
+    pub connect_timeout: Duration,
+    pub response_header_timeout: Duration,
+    pub websocket: WebSocketConfig,
+    pub sse: SseConfig,
+}
+
+impl RouteConfig {
+    /// A short name for logs and error bodies: `chat.example.com/ws` or `*/api`.
+    pub fn name(&self) -> String {
+        let host = match &self.host {
+            HostMatch::Any => "*".to_string(),
+            HostMatch::Exact(h) => h.clone(),
+            HostMatch::Wildcard(suffix) => format!("*{suffix}"),
+        };
+        let path = if self.path.is_empty() { "/" } else { &self.path };
+        format!("{host}{path}")
+    }
+}
+
+/// Which `Host` a route answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Any,
+    /// Lowercase name.
+    Exact(String),
+    /// Lowercase suffix including the leading dot: `*.example.com` is `.example.com`.
+    Wildcard(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct WebSocketConfig {
+    pub ping_interval: Option<Duration>,
+    pub idle_timeout: Duration,
+    pub max_message_size: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub allowed_origins: Option<Vec<String>>,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            ping_interval: None,
+            idle_timeout: Duration::from_secs(3600),
+            max_message_size: None,
+            max_connections: None,
+            allowed_origins: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SseConfig {
+    pub heartbeat: Option<Duration>,
+    pub idle_timeout: Duration,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        SseConfig {
+            heartbeat: None,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Why a config file was refused. Display gives `file:line:col: key: what is wrong`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config file: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Whole { path: String, message: String },
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if it were read from `path` (which names the file in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let at = Located { path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim_end_matches('\n').replace('\n', "; ");
+            match e.span() {
+                Some(span) => at.error(span, message),
+                None => ConfigError::Whole {
+                    path: path.display().to_string(),
+                    message,
+                },
+            }
+        })?;
+        at.validate(raw)
+    }
+}
+
+/// The file being validated, to turn a byte span into `file:line:col`.
+struct Located<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Located<'_> {
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        ConfigError::Invalid {
+            path: self.path.display().to_string(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn whole(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError::Whole {
+            path: self.path.display().to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen = Listen {
+            https: self.addr("listen.https", &raw.listen.https)?,
+            http: raw
+                .listen
+                .http
+                .as_ref()
+                .map(|a| self.addr("listen.http", a))
+                .transpose()?,
+            http_mode: match raw.listen.http_mode.as_ref() {
+                None => HttpMode::Redirect,
+                Some(m) => match m.get_ref().as_str() {
+                    "redirect" => HttpMode::Redirect,
+                    "proxy" => HttpMode::Proxy,
+                    other => {
+                        return Err(self.error(
+                            m.span(),
+                            format!(
+                                "listen.http_mode: expected \"redirect\" or \"proxy\", got {other:?}"
+                            ),
+                        ))
+                    }
+                },
+            },
+            admin: raw
+                .listen
+                .admin
+                .as_ref()
+                .map(|a| self.addr("listen.admin", a))
+                .transpose()?,
+        };
+
+        let d = Limits::default();
+        let l = &raw.limits;
+        let limits = Limits {
+            header_read_timeout: self.duration_or(
+                "limits.header_read_timeout",
+                &l.header_read_timeout,
+                d.header_read_timeout,
+            )?,
+            // hyper refuses a buffer below 8 KiB.
+            max_header_size: self.int_or(
+                "limits.max_header_size",
+                &l.max_header_size,
+                8192..=16 * 1024 * 1024,
+                d.max_header_size,
+            )?,
+            tls_handshake_timeout: self.duration_or(
+                "limits.tls_handshake_timeout",
+                &l.tls_handshake_timeout,
+                d.tls_handshake_timeout,
+            )?,
+            max_connections: self.int_or(
+                "limits.max_connections",
+                &l.max_connections,
+                1..=10_000_000,
+                d.max_connections,
+            )?,
+            h2_max_concurrent_streams: self.int_or(
+                "limits.h2_max_concurrent_streams",
+                &l.h2_max_concurrent_streams,
+                1..=1_000_000,
+                d.h2_max_concurrent_streams as usize,
+            )? as u32,
+            h2_max_pending_reset_streams: self.int_or(
+                "limits.h2_max_pending_reset_streams",
+                &l.h2_max_pending_reset_streams,
+                1..=1_000_000,
+                d.h2_max_pending_reset_streams,
+            )?,
+            h2_max_local_error_reset_streams: self.int_or(
+                "limits.h2_max_local_error_reset_streams",
+                &l.h2_max_local_error_reset_streams,
+                1..=1_000_000,
+                d.h2_max_local_error_reset_streams,
+            )?,
+        };
+
+        let worker_threads = raw
+            .runtime
+            .worker_threads
+            .as_ref()
+            .map(|n| self.int("runtime.worker_threads", n, 1..=1024))
+            .transpose()?;
+
+        let ds = Shutdown::default();
+        let shutdown = Shutdown {
+            grace: self.duration_or("shutdown.grace", &raw.shutdown.grace, ds.grace)?,
+            delay: self.duration_or("shutdown.delay", &raw.shutdown.delay, ds.delay)?,
+        };
+
+        if raw.cert.is_empty() {
+            return Err(self.whole(
+                "no [[cert]]: the TLS listener needs at least one certificate and key",
+            ));
+        }
+        let certs = raw
+            .cert
+            .iter()
+            .map(|c| CertFiles {
+                cert: PathBuf::from(c.cert.get_ref()),
+                key: PathBuf::from(c.key.get_ref()),
+            })
+            .collect();
+
+        if raw.route.is_empty() {
+            return Err(self.whole(
+                "no [[route]]: add at least one route with a path and backends, or the gateway can only answer 404",
+            ));
+        }
+        let routes = raw
+            .route
+            .iter()
+            .enumerate()
+            .map(|(i, r)| self.route(i, r))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        Ok(Config {
+            path: self.path.to_path_buf(),
+            listen,
+            limits,
+            worker_threads,
+            shutdown,
+            certs,
+            routes,
+        })
+    }
+
+    fn route(&self, index: usize, spanned: &Spanned<RawRoute>) -> Result<RouteConfig, ConfigError> {
+        let r = spanned.get_ref();
+        let key = |name: &str| format!("route[{index}].{name}");
+
+        let host = match &r.host {
+            None => HostMatch::Any,
+            Some(h) => {
+                let name = h.get_ref().trim().to_ascii_lowercase();
+                let valid = |s: &str| {
+                    !s.is_empty()
+                        && s.split('.').all(|label| {
+                            !label.is_empty()
+                                && label
+                                    .bytes()
+                                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                        })
+                };
+                if let Some(suffix) = name.strip_prefix("*.") {
+                    if !valid(suffix) {
+                        return Err(self.error(h.span(), format!("{}: expected a host name such as \"*.example.com\", got {:?}", key("host"), h.get_ref())));
+                    }
+                    HostMatch::Wildcard(format!(".{suffix}"))
+                } else if valid(&name) {
+                    HostMatch::Exact(name)
+                } else {
+                    return Err(self.error(
+                        h.span(),
+                        format!(
+                            "{}: expected a host name such as \"chat.example.com\" or \"*.example.com\" (no port), got {:?}",
+                            key("host"),
+                            h.get_ref()
+                        ),
+                    ));
+                }
+            }
+        };
+
+        let path = match &r.path {
+            None => String::new(),
+            Some(p) => {
+                let s = p.get_ref();
+                if !s.starts_with('/') || s.contains(['?', '#', ' ']) {
+                    return Err(self.error(
+                        p.span(),
+                        format!("{}: expected a path prefix such as \"/ws\", got {s:?}", key("path")),
+                    ));
+                }
+                s.trim_end_matches('/').to_string()
+            }
+        };
+
+        if r.backends.get_ref().is_empty() {
+            return Err(self.error(
+                r.backends.span(),
+                format!("{}: expected at least one backend such as \"http://127.0.0.1:9000\"", key("backends")),
+            ));
+        }
+        let backends = r
+            .backends
+            .get_ref()
+            .iter()
+            .enumerate()
+            .map(|(i, b)| self.backend(&format!("{}[{i}]", key("backends")), b))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let d = WebSocketConfig::default();
+        let websocket = match &r.websocket {
+            None => d,
+            Some(w) => WebSocketConfig {
+                ping_interval: w
+                    .ping_interval
+                    .as_ref()
+                    .map(|v| self.duration(&key("websocket.ping_interval"), v))
+                    .transpose()?,
+                idle_timeout: self.duration_or(
+                    &key("websocket.idle_timeout"),
+                    &w.idle_timeout,
+                    d.idle_timeout,
+                )?,
+                max_message_size: w
+                    .max_message_size
+                    .as_ref()
+                    .map(|v| self.int(&key("websocket.max_message_size"), v, 1..=u64::MAX as usize))
+                    .transpose()?
+                    .map(|v| v as u64),
+                max_connections: w
+                    .max_connections
+                    .as_ref()
+                    .map(|v| self.int(&key("websocket.max_connections"), v, 1..=10_000_000))
+                    .transpose()?,
+                allowed_origins: w.allowed_origins.as_ref().map(|list| {
+                    list.iter()
+                        .map(|o| o.get_ref().trim_end_matches('/').to_ascii_lowercase())
+                        .collect()
+                }),
+            },
+        };
+
+        let d = SseConfig::default();
+        let sse = match &r.sse {
+            None => d,
+            Some(s) => SseConfig {
+                heartbeat: s
+                    .heartbeat
+                    .as_ref()
+                    .map(|v| self.duration(&key("sse.heartbeat"), v))
+                    .transpose()?,
+                idle_timeout: self.duration_or(&key("sse.idle_timeout"), &s.idle_timeout, d.idle_timeout)?,
+            },
+        };
+
+        Ok(RouteConfig {
+            index,
+            host,
+            path,
+            backends,
+            strip_prefix: r.strip_prefix,
+            connect_timeout: self.duration_or(
+                &key("connect_timeout"),
+                &r.connect_timeout,
+                Duration::from_secs(5),
+            )?,
+            response_header_timeout: self.duration_or(
+                &key("response_header_timeout"),
+                &r.response_header_timeout,
+                Duration::from_secs(60),
+            )?,
+            websocket,
+            sse,
+        })
+    }
+
+    fn backend(&self, key: &str, value: &Text) -> Result<Authority, ConfigError> {
+        let s = value.get_ref();
+        let bad = |why: &str| {
+            self.error(
+                value.span(),
+                format!("{key}: expected http://host:port{why}, got {s:?}"),
+            )
+        };
+        let Some(rest) = s.strip_prefix("http://") else {
+            return Err(bad(" (backends are plain HTTP; TLS ends at the gateway)"));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#', '@']) {
+            return Err(bad(" with no path"));
+        }
+        let authority: Authority = rest.parse().map_err(|_| bad(""))?;
+        if authority.host().is_empty() {
+            return Err(bad(""));
+        }
+        Ok(authority)
+    }
+
+    fn addr(&self, key: &str, value: &Text) -> Result<SocketAddr, ConfigError> {
+        value.get_ref().parse().map_err(|_| {
+            self.error(
+                value.span(),
+                format!(
+                    "{key}: expected an address and port such as \"0.0.0.0:8443\" or \"[::]:8443\", got {:?}",
+                    value.get_ref()
+                ),
+            )
+        })
+    }
+
+    fn duration(&self, key: &str, value: &Text) -> Result<Duration, ConfigError> {
+        humantime::parse_duration(value.get_ref()).map_err(|e| {
+            self.error(
+                value.span(),
+                format!(
+                    "{key}: expected a duration such as \"500ms\", \"15s\" or \"5m\", got {:?} ({e})",
+                    value.get_ref()
+                ),
+            )
+        })
+    }
+
+    fn duration_or(
+        &self,
+        key: &str,
+        value: &Option<Text>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        value.as_ref().map_or(Ok(default), |v| self.duration(key, v))
+    }
+
+    fn int(
+        &self,
+        key: &str,
+        value: &Spanned<i64>,
+        range: std::ops::RangeInclusive<usize>,
+    ) -> Result<usize, ConfigError> {
+        usize::try_from(*value.get_ref())
+            .ok()
+            .filter(|v| range.contains(v))
+            .ok_or_else(|| {
+                self.error(
+                    value.span(),
+                    format!(
+                        "{key}: expected a whole number from {} to {}, got {}",
+                        range.start(),
+                        range.end(),
+                        value.get_ref()
+                    ),
+                )
+            })
+    }
+
+    fn int_or(
+        &self,
+        key: &str,
+        value: &Option<Spanned<i64>>,
+        range: std::ops::RangeInclusive<usize>,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
+        value.as_ref().map_or(Ok(default), |v| self.int(key, v, range))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,138 @@
+//! One client connection: the TLS handshake under a deadline, then hyper's HTTP/1.1 or HTTP/2
+//! server (by ALPN) with the protection limits, until the client leaves or the drain ends it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+use crate::config::Limits;
+use crate::drain::Drain;
+use crate::proxy::{ConnInfo, Gateway};
+
+/// Everything a connection task needs, shared by all connections of a listener.
+pub struct ConnContext {
+    pub gateway: Arc<Gateway>,
+    pub limits: Limits,
+    pub drain: Drain,
+    /// hyper's server settings, built once from `limits`: by ALPN, auto-detected, h1, h2.
+    auto: auto::Builder<TokioExecutor>,
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+}
+
+impl ConnContext {
+    pub fn new(gateway: Arc<Gateway>, limits: Limits, drain: Drain) -> ConnContext {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_size)
+            .keep_alive(true)
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+            .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
+            .max_header_list_size(limits.max_header_size as u32)
+            .enable_connect_protocol();
+        ConnContext {
+            gateway,
+            limits,
+            drain,
+            h1: builder.clone().http1_only(),
+            h2: builder.clone().http2_only(),
+            auto: builder,
+        }
+    }
+
+    /// Serves a connection accepted on the TLS listener.
+    pub async fn serve_tls(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor) {
+        let handshake =
+            tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor.accept(tcp)).await;
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "tls handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("tls handshake timed out");
+                return;
+            }
+        };
+        let (_, session) = tls.get_ref();
+        let alpn = session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+        let sni = session.server_name().map(str::to_owned);
+        let span = tracing::Span::current();
+        span.record("sni", sni.as_deref().unwrap_or("-"));
+        span.record("alpn", alpn.as_deref().unwrap_or("-"));
+        let conn = ConnInfo { peer, tls: true };
+        match alpn.as_deref() {
+            Some("h2") => self.serve(tls, conn, Proto::H2).await,
+            Some(_) => self.serve(tls, conn, Proto::H1).await,
+            None => self.serve(tls, conn, Proto::Auto).await,
+        }
+    }
+
+    /// Serves a connection accepted on the plain listener.
+    pub async fn serve_plain(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let conn = ConnInfo { peer, tls: false };
+        self.serve(tcp, conn, Proto::Auto).await
+    }
+
+    async fn serve<I>(&self, io: I, conn: ConnInfo, proto: Proto)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let gateway = self.gateway.clone();
+        // HTTP/2 streams run in tasks of their own: carry the connection's span into them.
+        let span = tracing::Span::current();
+        let service = service_fn(move |req| {
+            gateway
+                .clone()
+                .handle(req, conn)
+                .instrument(span.clone())
+        });
+        let builder = match proto {
+            Proto::H1 => &self.h1,
+            Proto::H2 => &self.h2,
+            Proto::Auto => &self.auto,
+        };
+        let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(served);
+        let result = tokio::select! {
+            r = served.as_mut() => r,
+            _ = self.drain.draining() => {
+                // Finish in-flight requests, take no new ones; cut at the end of the grace.
+                served.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = served.as_mut() => r,
+                    _ = self.drain.cut() => Ok(()),
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+}
+
+enum Proto {
+    H1,
+    H2,
+    Auto,
+}
+
+/// The span every log line of one connection carries.
+pub fn conn_span(peer: SocketAddr, listener: &'static str) -> tracing::Span {
+    tracing::info_span!("conn", client.addr = %peer, listener, sni = tracing::field::Empty, alpn = tracing::field::Empty)
+}
+

@@ -1,0 +1,156 @@
+//! The built-in demo: backends that run inside the process, a config that routes to them, a
+//! self-signed certificate made at start-up, and a page at `/` that exercises each route.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use bytes::Bytes;
+use http::{header, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::tls::{self, LoadedCert};
+use crate::Listeners;
+
+/// A demo ready to [`crate::serve`].
+pub struct Demo {
+    pub config: Config,
+    pub certs: Vec<LoadedCert>,
+    pub listeners: Listeners,
+    /// SHA-256 of the self-signed certificate, colon-separated hex, to compare with a browser's.
+    pub fingerprint: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("demo backend: {0}")]
+    Backend(#[from] std::io::Error),
+    #[error(transparent)]
+    Bind(#[from] crate::BindError),
+    #[error("demo certificate: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("demo config: {0}")]
+    Config(#[from] crate::config::ConfigError),
+}
+
+impl Demo {
+    /// Starts the demo backends on loopback and binds the gateway's listener on `listen`.
+    pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
+        let backend = TcpListener::bind("127.0.0.1:0").await?;
+        let backend_addr = backend.local_addr()?;
+        tokio::spawn(serve_backend(backend));
+
+        let text = format!(
+            r#"
+[listen]
+https = "{listen}"
+
+[[cert]]
+cert = "(in memory)"
+key = "(in memory)"
+
+[[route]]
+path = "/echo"
+backends = ["http://{backend_addr}"]
+
+[[route]]
+path = "/"
+backends = ["http://{backend_addr}"]
+"#
+        );
+        let config = Config::parse(Path::new("(demo)"), &text)?;
+        let (cert, fingerprint) = tls::self_signed(&["localhost", "127.0.0.1"])?;
+        let listeners = Listeners::bind(&config.listen).await?;
+        Ok(Demo {
+            config,
+            certs: vec![cert],
+            listeners,
+            fingerprint,
+        })
+    }
+}
+
+async fn serve_backend(listener: TcpListener) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(tcp), service_fn(backend))
+                .await;
+        });
+    }
+}
+
+async fn backend(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let response = if path == "/echo" || path.starts_with("/echo/") {
+        echo(req).await
+    } else if path == "/" {
+        Response::builder()
+            .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+            .body(Full::new(Bytes::from_static(PAGE.as_bytes())))
+    } else {
+        Response::builder()
+            .status(404)
+            .body(Full::new(Bytes::from_static(b"demo backend: not found\n")))
+    };
+    Ok(response.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+}
+
+/// Answers with the request as the backend saw it: what the gateway forwarded.
+async fn echo(req: Request<Incoming>) -> http::Result<Response<Full<Bytes>>> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let mut text = format!("{} {} {:?}\n", parts.method, parts.uri, parts.version);
+    for (name, value) in &parts.headers {
+        text.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())));
+    }
+    text.push_str(&format!("\n{} body bytes\n", body.len()));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(text)))
+}
+
+const PAGE: &str = r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>streamgate demo</title>
+<style>
+body { font: 15px/1.5 system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; }
+pre { background: #f4f4f4; padding: .75rem; overflow-x: auto; min-height: 3rem; }
+h2 { margin-top: 2rem; }
+</style>
+</head>
+<body>
+<h1>streamgate demo</h1>
+<p>This page came through streamgate: TLS ended at the gateway, and the request went on as plain
+HTTP to a backend inside the same process. Each section below uses one route.</p>
+
+<h2>HTTP echo: <code>/echo</code></h2>
+<p>What the backend received for a request from this page: note the <code>x-forwarded-*</code>
+headers the gateway added.</p>
+<button id="echo-send">Send a request</button>
+<pre id="echo-out">…</pre>
+
+<script>
+async function echo() {
+  const out = document.getElementById('echo-out');
+  try {
+    const r = await fetch('/echo/hello?from=demo', { method: 'POST', body: 'hello from the demo page' });
+    out.textContent = r.status + ' ' + r.statusText + '\n\n' + await r.text();
+  } catch (e) { out.textContent = 'failed: ' + e; }
+}
+document.getElementById('echo-send').onclick = echo;
+echo();
+</script>
+</body>
+</html>
+"#;

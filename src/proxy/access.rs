@@ -1,0 +1,109 @@
+//! The access log: one line per request, written when its response body is done (or dropped),
+//! so it can report the bytes that really went out and how long the whole exchange took.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use super::body::{BoxError, GatewayBody};
+
+/// What is known about a request when its response head is ready.
+#[derive(Debug)]
+pub struct AccessEntry {
+    pub route: Option<std::sync::Arc<crate::router::Route>>,
+    pub backend: Option<String>,
+    pub method: http::Method,
+    pub path: String,
+    pub status: u16,
+    pub start: Instant,
+    pub bytes_out: u64,
+    pub complete: bool,
+}
+
+impl AccessEntry {
+    pub fn new(method: &http::Method, path: &str, start: Instant) -> AccessEntry {
+        AccessEntry {
+            route: None,
+            backend: None,
+            method: method.clone(),
+            path: path.to_string(),
+            status: 0,
+            start,
+            bytes_out: 0,
+            complete: false,
+        }
+    }
+}
+
+impl Drop for AccessEntry {
+    fn drop(&mut self) {
+        tracing::info!(
+            target: "streamgate::access",
+            route = self.route.as_ref().map_or("-", |r| r.name.as_str()),
+            backend = self.backend.as_deref().unwrap_or("-"),
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            bytes_out = self.bytes_out,
+            complete = self.complete,
+            "request"
+        );
+    }
+}
+
+pin_project! {
+    /// A response body that counts what it passes on and logs the entry when it is dropped.
+    pub struct Logged {
+        #[pin]
+        body: GatewayBody,
+        entry: AccessEntry,
+    }
+}
+
+impl Logged {
+    pub fn new(body: GatewayBody, mut entry: AccessEntry) -> Logged {
+        // hyper never polls a body that is already at its end.
+        entry.complete = body.is_end_stream();
+        Logged { body, entry }
+    }
+}
+
+impl Body for Logged {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.entry.bytes_out += data.len() as u64;
+                }
+                // hyper stops polling once the body says it is at its end.
+                if this.body.is_end_stream() {
+                    this.entry.complete = true;
+                }
+            }
+            Poll::Ready(None) => this.entry.complete = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}

@@ -1,0 +1,94 @@
+//! Plain HTTP forwarding: one request to one backend, bodies streamed both ways, a refused
+//! backend skipped once.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+
+use super::body::{GatewayBody, UpstreamBody};
+use super::error::ProxyError;
+use super::headers::{add_forwarded, remove_hop_by_hop};
+use super::ConnInfo;
+use crate::router::Route;
+use crate::upstream::{classify, Failure};
+
+/// Forwards `req` on `route` and returns the backend's response with its body streaming.
+/// `backend_used` is set to the backend that answered, for the access log.
+pub async fn forward(
+    route: &Arc<Route>,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    backend_used: &mut Option<String>,
+) -> Result<Response<GatewayBody>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    prepare_headers(&mut parts.headers, &parts.uri, conn);
+    let path = route.backend_path(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()));
+
+    let (body, slot) = UpstreamBody::new(body);
+    let mut body = Some(body);
+    // A refused backend is skipped once: at most two tries, whatever the number of backends.
+    let attempts = route.config.backends.len().min(2);
+    let mut tries = route.backends().take(attempts).peekable();
+    while let Some(backend) = tries.next() {
+        let last = tries.peek().is_none();
+        let uri: Uri = format!("http://{backend}{path}")
+            .parse()
+            .map_err(|_| ProxyError::BadRequest("request target is not a valid URI"))?;
+        let mut upstream_req = Request::new(
+            body.take()
+                .unwrap_or_else(|| slot.as_ref().map_or(UpstreamBody::Empty, UpstreamBody::from_slot)),
+        );
+        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.version_mut() = Version::HTTP_11;
+        *upstream_req.headers_mut() = if last {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
+
+        *backend_used = Some(backend.to_string());
+        let sent = tokio::time::timeout(
+            route.config.response_header_timeout,
+            route.upstream.request(upstream_req),
+        )
+        .await;
+        let error = match sent {
+            Ok(Ok(mut response)) => {
+                remove_hop_by_hop(response.headers_mut());
+                return Ok(response.map(|body| GatewayBody::Upstream { body }));
+            }
+            Ok(Err(e)) => e,
+            Err(_elapsed) => {
+                return Err(ProxyError::ResponseTimeout {
+                    route: route.name.clone(),
+                    backend: backend.to_string(),
+                })
+            }
+        };
+        let failure = classify(&error);
+        if failure == Failure::Refused && !last && UpstreamBody::unsent(&slot) {
+            tracing::warn!(route = %route.name, %backend, "backend refused the connection, trying the next one");
+            continue;
+        }
+        return Err(failure.into_error(route, backend, error));
+    }
+    // Only reachable with no backends, which config validation refuses.
+    Err(ProxyError::BadRequest("route has no backends"))
+}
+
+/// Hop-by-hop headers out, X-Forwarded-* in, and `Host` as the client sent it (an HTTP/2
+/// client sends `:authority` instead, which becomes `Host` towards the HTTP/1.1 backend).
+pub(super) fn prepare_headers(headers: &mut http::HeaderMap, uri: &Uri, conn: &ConnInfo) {
+    let host = headers.get(header::HOST).cloned().or_else(|| {
+        uri.authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    remove_hop_by_hop(headers);
+    add_forwarded(headers, conn.peer.ip(), conn.tls, host.as_ref());
+    if let Some(host) = host {
+        headers.insert(header::HOST, host);
+    }
+}

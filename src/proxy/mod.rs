@@ -1,0 +1,151 @@
+//! The request path: [`Gateway::handle`] takes one request from a client connection, finds its
+//! route and hands it to [`forward`] (plain HTTP and SSE) or the WebSocket bridge.
+
+pub mod access;
+pub mod body;
+pub mod error;
+pub mod forward;
+pub mod headers;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+
+use crate::config::HttpMode;
+use crate::router::{request_host, Router};
+use access::{AccessEntry, Logged};
+use body::GatewayBody;
+use error::ProxyError;
+
+/// What the request path knows about the client connection a request came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// Whether the request arrived on the TLS listener.
+    pub tls: bool,
+}
+
+/// The shared state every request sees: the route table and how the plain listener behaves.
+pub struct Gateway {
+    router: Router,
+    http_mode: HttpMode,
+    /// Port of the TLS listener, for redirects from the plain one.
+    https_port: u16,
+}
+
+impl Gateway {
+    pub fn new(router: Router, http_mode: HttpMode, https_port: u16) -> Gateway {
+        Gateway {
+            router,
+            http_mode,
+            https_port,
+        }
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Answers one request. Never fails: every error becomes a response with a one-line reason,
+    /// and every response carries the access-log entry that is written when it is done.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<Logged>, Infallible> {
+        let mut entry = AccessEntry::new(
+            req.method(),
+            req.uri().path_and_query().map_or("/", |pq| pq.as_str()),
+            Instant::now(),
+        );
+        let response = match self.route(req, conn, &mut entry).await {
+            Ok(response) => response,
+            Err(error) => {
+                if error.is_upstream() {
+                    tracing::warn!(error = %error, "request failed");
+                } else {
+                    tracing::debug!(error = %error, "request refused");
+                }
+                error_response(&error)
+            }
+        };
+        entry.status = response.status().as_u16();
+        Ok(response.map(|body| Logged::new(body, entry)))
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        entry: &mut AccessEntry,
+    ) -> Result<Response<GatewayBody>, ProxyError> {
+        let host = request_host(&req);
+        if host.is_none() && req.version() == Version::HTTP_11 {
+            // RFC 9112 3.2: a server must answer 400 to an HTTP/1.1 request without Host.
+            return Err(ProxyError::BadRequest("missing Host header"));
+        }
+        if !conn.tls && self.http_mode == HttpMode::Redirect {
+            return self.redirect(&req, host.as_deref());
+        }
+        let is_websocket = is_websocket_request(&req);
+        if req.method() == Method::CONNECT && !is_websocket {
+            return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
+        }
+        let route = self
+            .router
+            .find(host.as_deref(), req.uri().path())
+            .ok_or_else(|| ProxyError::NoRoute {
+                host: host.clone().unwrap_or_default(),
+                path: req.uri().path().to_string(),
+            })?
+            .clone();
+        entry.route = Some(route.clone());
+        forward::forward(&route, req, &conn, &mut entry.backend).await
+    }
+
+    /// 308 to the same host, path and query on the TLS listener (the plain listener's default).
+    fn redirect(
+        &self,
+        req: &Request<Incoming>,
+        host: Option<&str>,
+    ) -> Result<Response<GatewayBody>, ProxyError> {
+        let host = host.ok_or(ProxyError::BadRequest("missing Host header"))?;
+        let port = match self.https_port {
+            443 => String::new(),
+            p => format!(":{p}"),
+        };
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let location = HeaderValue::from_str(&format!("https://{host}{port}{target}"))
+            .map_err(|_| ProxyError::BadRequest("request target cannot be redirected"))?;
+        let mut response = Response::new(GatewayBody::empty());
+        *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+        response.headers_mut().insert(header::LOCATION, location);
+        Ok(response)
+    }
+}
+
+/// An HTTP/1.1 `Upgrade: websocket` or an HTTP/2 extended CONNECT with `:protocol websocket`.
+fn is_websocket_request<B>(req: &Request<B>) -> bool {
+    if req.method() == Method::CONNECT {
+        return req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    }
+    headers::has_token(req.headers(), header::UPGRADE, "websocket")
+}
+
+/// The gateway's own answer to an error: the status, and the reason as a one-line text body.
+pub fn error_response(error: &ProxyError) -> Response<GatewayBody> {
+    let mut response = Response::new(GatewayBody::full(format!("streamgate: {error}\n")));
+    *response.status_mut() = error.status();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

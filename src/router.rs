@@ -1,0 +1,246 @@
+//! The route table: picks the route for a request's host and path (most specific host, then
+//! longest path prefix on a segment boundary).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::uri::Authority;
+use tokio::sync::Semaphore;
+
+use crate::config::{HostMatch, RouteConfig};
+use crate::upstream::UpstreamClient;
+
+/// A route as the proxy uses it: its config plus the state shared by its requests.
+pub struct Route {
+    pub config: RouteConfig,
+    /// `route[i] host/path`, computed once for logs and error bodies.
+    pub name: String,
+    /// Round-robin position over `config.backends`.
+    next_backend: AtomicUsize,
+    /// Open WebSockets allowed on this route, when `websocket.max_connections` is set.
+    pub websocket_slots: Option<Arc<Semaphore>>,
+    /// Pooled connections to this route's backends.
+    pub upstream: UpstreamClient,
+}
+
+impl Route {
+    pub fn new(config: RouteConfig) -> Route {
+        Route {
+            name: config.name(),
+            websocket_slots: config
+                .websocket
+                .max_connections
+                .map(|n| Arc::new(Semaphore::new(n))),
+            next_backend: AtomicUsize::new(0),
+            upstream: crate::upstream::client(config.connect_timeout),
+            config,
+        }
+    }
+
+    /// The backends in the order to try them for one request: round-robin start, then the rest.
+    pub fn backends(&self) -> impl Iterator<Item = &Authority> {
+        let list = &self.config.backends;
+        let start = self.next_backend.fetch_add(1, Ordering::Relaxed) % list.len();
+        list[start..].iter().chain(list[..start].iter())
+    }
+
+    /// The path to send to the backend: the client's path with the prefix removed when
+    /// `strip_prefix` is set, byte for byte otherwise.
+    pub fn backend_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
+        if !self.config.strip_prefix || self.config.path.is_empty() {
+            return path.into();
+        }
+        let rest = &path[self.config.path.len().min(path.len())..];
+        if rest.is_empty() || !rest.starts_with('/') {
+            format!("/{rest}").into()
+        } else {
+            rest.into()
+        }
+    }
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route").field("name", &self.name).finish()
+    }
+}
+
+/// All routes, ordered so the first match is the most specific one.
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<Arc<Route>>,
+}
+
+impl Router {
+    pub fn new(configs: &[RouteConfig]) -> Router {
+        let mut routes: Vec<Arc<Route>> =
+            configs.iter().cloned().map(Route::new).map(Arc::new).collect();
+        // Exact hosts, then wildcards (longer suffix first), then any host; within a host class,
+        // longer prefixes first. A stable sort keeps file order for equal keys.
+        routes.sort_by_key(|r| {
+            let host_rank = match &r.config.host {
+                HostMatch::Exact(_) => (0, 0),
+                HostMatch::Wildcard(s) => (1, usize::MAX - s.len()),
+                HostMatch::Any => (2, 0),
+            };
+            (host_rank, usize::MAX - r.config.path.len())
+        });
+        Router { routes }
+    }
+
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    /// The route for `host` (lowercase, no port; `None` when the request named none) and `path`.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        self.routes
+            .iter()
+            .find(|r| host_matches(&r.config.host, host) && prefix_matches(&r.config.path, path))
+    }
+}
+
+fn host_matches(rule: &HostMatch, host: Option<&str>) -> bool {
+    match (rule, host) {
+        (HostMatch::Any, _) => true,
+        (HostMatch::Exact(name), Some(h)) => name == h,
+        // "*.example.com" matches "a.example.com" and "a.b.example.com", not "example.com".
+        (HostMatch::Wildcard(suffix), Some(h)) => h.len() > suffix.len() && h.ends_with(suffix.as_str()),
+        (_, None) => false,
+    }
+}
+
+/// `/ws` matches `/ws`, `/ws/`, `/ws/a` and `/ws?x`, never `/wsx`. The empty prefix matches all.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// The host a request names, lowercase and without its port: the URI's authority (HTTP/2
+/// `:authority`, or an HTTP/1.1 absolute-form target) wins over `Host`, as RFC 9112 3.2.2 says.
+pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.host(),
+        None => {
+            let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
+            strip_port(h)
+        }
+    };
+    let host = raw.trim_end_matches('.');
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [::1]:8443 -> [::1]
+        return host.split_inclusive(']').next().unwrap_or(host);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn router(toml_routes: &str) -> Router {
+        let text = format!(
+            "[listen]\nhttps = \"127.0.0.1:0\"\n[[cert]]\ncert = \"c\"\nkey = \"k\"\n{toml_routes}"
+        );
+        let config = Config::parse(Path::new("test.toml"), &text).expect("test config is valid");
+        Router::new(&config.routes)
+    }
+
+    fn found(r: &Router, host: Option<&str>, path: &str) -> Option<String> {
+        r.find(host, path).map(|r| r.config.backends[0].to_string())
+    }
+
+    #[test]
+    fn most_specific_host_then_longest_prefix_wins() {
+        let r = router(
+            r#"
+[[route]]
+path = "/"
+backends = ["http://any:1"]
+[[route]]
+path = "/api"
+backends = ["http://any-api:1"]
+[[route]]
+host = "*.example.com"
+backends = ["http://wild:1"]
+[[route]]
+host = "*.b.example.com"
+backends = ["http://wild-b:1"]
+[[route]]
+host = "chat.example.com"
+path = "/ws"
+backends = ["http://chat-ws:1"]
+[[route]]
+host = "chat.example.com"
+backends = ["http://chat:1"]
+"#,
+        );
+        let cases = [
+            (Some("chat.example.com"), "/ws/a", "chat-ws:1"),
+            (Some("chat.example.com"), "/ws", "chat-ws:1"),
+            (Some("chat.example.com"), "/wsx", "chat:1"),
+            (Some("chat.example.com"), "/api", "chat:1"),
+            (Some("x.example.com"), "/api", "wild:1"),
+            (Some("x.b.example.com"), "/", "wild-b:1"),
+            (Some("example.com"), "/api/v1", "any-api:1"),
+            (Some("other.org"), "/apix", "any:1"),
+            (None, "/api/", "any-api:1"),
+        ];
+        for (host, path, want) in cases {
+            assert_eq!(found(&r, host, path).as_deref(), Some(want), "{host:?} {path}");
+        }
+    }
+
+    #[test]
+    fn no_route_when_nothing_matches() {
+        let r = router("[[route]]\nhost = \"a.example\"\npath = \"/ws\"\nbackends = [\"http://a:1\"]\n");
+        assert_eq!(found(&r, Some("a.example"), "/wsx"), None);
+        assert_eq!(found(&r, Some("b.example"), "/ws"), None);
+        assert_eq!(found(&r, None, "/ws"), None);
+    }
+
+    #[test]
+    fn strip_prefix_keeps_the_rest_byte_for_byte() {
+        let r = router("[[route]]\npath = \"/api/\"\nstrip_prefix = true\nbackends = [\"http://a:1\"]\n");
+        let route = r.find(None, "/api//ws/2").expect("route matches");
+        assert_eq!(route.backend_path("/api//ws/2?q=%2F"), "//ws/2?q=%2F");
+        assert_eq!(route.backend_path("/api"), "/");
+        assert_eq!(route.backend_path("/api?x=1"), "/?x=1");
+    }
+
+    #[test]
+    fn round_robin_visits_every_backend() {
+        let r = router("[[route]]\nbackends = [\"http://a:1\", \"http://b:1\", \"http://c:1\"]\n");
+        let route = &r.routes()[0];
+        let firsts: Vec<String> = (0..3)
+            .map(|_| route.backends().next().expect("has backends").to_string())
+            .collect();
+        assert_eq!(firsts, ["a:1", "b:1", "c:1"]);
+        let order: Vec<String> = route.backends().map(|b| b.to_string()).collect();
+        assert_eq!(order, ["a:1", "b:1", "c:1"]);
+    }
+
+    #[test]
+    fn request_host_prefers_authority_and_drops_port() {
+        let req = http::Request::get("/x")
+            .header("host", "Chat.Example.com:8443")
+            .body(())
+            .expect("valid request");
+        assert_eq!(request_host(&req).as_deref(), Some("chat.example.com"));
+        let req = http::Request::get("http://other.example/x")
+            .header("host", "chat.example.com")
+            .body(())
+            .expect("valid request");
+        assert_eq!(request_host(&req).as_deref(), Some("other.example"));
+        let req = http::Request::get("/x").header("host", "[::1]:80").body(()).expect("valid");
+        assert_eq!(request_host(&req).as_deref(), Some("[::1]"));
+    }
+}

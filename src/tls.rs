@@ -1,0 +1,242 @@
+//! TLS termination: loads certificates and keys, picks one by SNI, builds the rustls config
+//! (TLS 1.2 and 1.3, ALPN h2 and http/1.1).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::CertFiles;
+
+/// Why certificates could not be loaded; each names the file and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: cannot read certificate file: {source}")]
+    ReadCert {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{path}: no certificate found: expected a PEM file with \"-----BEGIN CERTIFICATE-----\", leaf first")]
+    NoCert { path: PathBuf },
+    #[error("{path}: cannot read private key: {source}")]
+    ReadKey {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{path}: no private key found: expected a PEM key (PKCS#8 \"PRIVATE KEY\", PKCS#1 \"RSA PRIVATE KEY\" or SEC1 \"EC PRIVATE KEY\")")]
+    NoKey { path: PathBuf },
+    #[error("{path}: unsupported private key: {source}")]
+    BadKey {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("{key}: private key does not match the certificate in {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("{path}: cannot parse certificate: {message}")]
+    ParseCert { path: PathBuf, message: String },
+    #[error("cannot build TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// A loaded certificate with what the logs and `check` show about it.
+#[derive(Debug, Clone)]
+pub struct LoadedCert {
+    pub source: String,
+    /// DNS names from the subject alternative names, lowercase.
+    pub names: Vec<String>,
+    pub not_after: String,
+    pub expired: bool,
+    pub key: Arc<CertifiedKey>,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Loads every `[[cert]]` pair, checking that each key matches its certificate.
+pub fn load_certs(files: &[CertFiles]) -> Result<Vec<LoadedCert>, TlsError> {
+    files.iter().map(|f| load_pair(&f.cert, &f.key)).collect()
+}
+
+fn load_pair(cert_path: &Path, key_path: &Path) -> Result<LoadedCert, TlsError> {
+    let chain = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsError::ReadCert {
+            path: cert_path.to_path_buf(),
+            source,
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCert {
+            path: cert_path.to_path_buf(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|source| match source {
+        rustls_pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
+            path: key_path.to_path_buf(),
+        },
+        source => TlsError::ReadKey {
+            path: key_path.to_path_buf(),
+            source,
+        },
+    })?;
+    certified(chain, key, &cert_path.display().to_string(), key_path)
+}
+
+/// Builds a [`LoadedCert`] from DER, as the demo does with its in-memory certificate.
+pub fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    source: &str,
+    key_path: &Path,
+) -> Result<LoadedCert, TlsError> {
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|source| TlsError::BadKey {
+            path: key_path.to_path_buf(),
+            source,
+        })?;
+    let certified = CertifiedKey::new(chain, signing);
+    match certified.keys_match() {
+        Ok(()) => {}
+        // rustls cannot tell for some key types; the handshake would fail loudly then.
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(_) => {
+            return Err(TlsError::KeyMismatch {
+                cert: PathBuf::from(source),
+                key: key_path.to_path_buf(),
+            })
+        }
+    }
+    let (names, not_after, expired) = describe(&certified.cert[0]).map_err(|message| {
+        TlsError::ParseCert {
+            path: PathBuf::from(source),
+            message,
+        }
+    })?;
+    Ok(LoadedCert {
+        source: source.to_string(),
+        names,
+        not_after,
+        expired,
+        key: Arc::new(certified),
+    })
+}
+
+/// DNS names, expiry date and whether it has passed, read from the leaf certificate.
+fn describe(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, String, bool), String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(n) = name {
+                names.push(n.to_ascii_lowercase());
+            }
+        }
+    }
+    let not_after = cert.validity().not_after;
+    let expired = !cert.validity().is_valid() && not_after.timestamp() < now_unix();
+    Ok((names, not_after.to_string(), expired))
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Chooses the certificate by SNI: an exact SAN name, then a wildcard SAN, then the first
+/// `[[cert]]` (clients with no SNI or an unknown name).
+#[derive(Debug)]
+pub struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Keyed by the suffix after `*`, e.g. `.example.com`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+impl SniResolver {
+    /// `certs` must not be empty: config validation guarantees at least one `[[cert]]`.
+    pub fn new(certs: &[LoadedCert]) -> Option<SniResolver> {
+        let default = certs.first()?.key.clone();
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for c in certs {
+            for name in &c.names {
+                // The first certificate to claim a name keeps it.
+                if let Some(suffix) = name.strip_prefix('*') {
+                    wildcard.entry(suffix.to_string()).or_insert_with(|| c.key.clone());
+                } else {
+                    exact.entry(name.clone()).or_insert_with(|| c.key.clone());
+                }
+            }
+        }
+        Some(SniResolver {
+            exact,
+            wildcard,
+            default,
+        })
+    }
+
+    fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        let Some(name) = sni.map(|s| s.to_ascii_lowercase()) else {
+            return self.default.clone();
+        };
+        if let Some(k) = self.exact.get(&name) {
+            return k.clone();
+        }
+        // A wildcard covers exactly one label (RFC 6125 6.4.3).
+        if let Some(dot) = name.find('.') {
+            if let Some(k) = self.wildcard.get(&name[dot..]) {
+                return k.clone();
+            }
+        }
+        self.default.clone()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.pick(hello.server_name()))
+    }
+}
+
+/// The server config for the TLS listener.
+pub fn server_config(certs: &[LoadedCert]) -> Result<Arc<ServerConfig>, TlsError> {
+    let resolver = SniResolver::new(certs).ok_or(TlsError::Config(rustls::Error::General(
+        "no certificate configured".into(),
+    )))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A self-signed certificate for `names`, made in memory (the demo; tests make their own).
+pub fn self_signed(names: &[&str]) -> Result<(LoadedCert, String), TlsError> {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let generated = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+    let der = generated.cert.der().clone();
+    let fingerprint = ring::digest::digest(&ring::digest::SHA256, &der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
+    let loaded = certified(vec![der], key, "self-signed (in memory)", Path::new("(in memory)"))?;
+    Ok((loaded, fingerprint))
+}
