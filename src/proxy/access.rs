@@ -82,14 +82,15 @@ impl Body for Logged {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let polled = this.body.poll_frame(cx);
+        let mut body = this.body;
+        let polled = body.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.entry.bytes_out += data.len() as u64;
                 }
                 // hyper stops polling once the body says it is at its end.
-                if this.body.is_end_stream() {
+                if body.is_end_stream() {
                     this.entry.complete = true;
                 }
             }
