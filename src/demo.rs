@@ -59,6 +59,12 @@ path = "/echo"
 backends = ["http://{backend_addr}"]
 
 [[route]]
+path = "/ws"
+backends = ["http://{backend_addr}"]
+[route.websocket]
+ping_interval = "30s"
+
+[[route]]
 path = "/"
 backends = ["http://{backend_addr}"]
 "#
@@ -90,7 +96,9 @@ async fn serve_backend(listener: TcpListener) {
 
 async fn backend(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
-    let response = if path == "/echo" || path.starts_with("/echo/") {
+    let response = if path == "/ws" {
+        websocket_echo(req)
+    } else if path == "/echo" || path.starts_with("/echo/") {
         echo(req).await
     } else if path == "/" {
         Response::builder()
@@ -102,6 +110,39 @@ async fn backend(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infall
             .body(Full::new(Bytes::from_static(b"demo backend: not found\n")))
     };
     Ok(response.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+}
+
+/// A WebSocket echo: every text or binary message comes back as it was sent.
+fn websocket_echo(mut req: Request<Incoming>) -> http::Result<Response<Full<Bytes>>> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Role};
+
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return Response::builder()
+            .status(400)
+            .body(Full::new(Bytes::from_static(b"demo backend: WebSocket only\n")));
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    Response::builder()
+        .status(101)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+        .body(Full::new(Bytes::new()))
 }
 
 /// Answers with the request as the backend saw it: what the gateway forwarded.
@@ -140,7 +181,23 @@ headers the gateway added.</p>
 <button id="echo-send">Send a request</button>
 <pre id="echo-out">…</pre>
 
+<h2>WebSocket echo: <code>/ws</code></h2>
+<p>A WebSocket through the gateway (WSS here, plain WS to the backend). Type and send: the
+backend echoes each message.</p>
+<form id="ws-form"><input id="ws-text" value="hello over wss" size="40"> <button>Send</button></form>
+<pre id="ws-out">connecting…</pre>
+
 <script>
+const wsOut = document.getElementById('ws-out');
+const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws');
+ws.onopen = () => { wsOut.textContent = 'open\n'; ws.send('hello from the demo page'); };
+ws.onmessage = (e) => { wsOut.textContent += 'echo: ' + e.data + '\n'; };
+ws.onclose = (e) => { wsOut.textContent += 'closed ' + e.code + ' ' + e.reason + '\n'; };
+document.getElementById('ws-form').onsubmit = (e) => {
+  e.preventDefault();
+  if (ws.readyState === WebSocket.OPEN) ws.send(document.getElementById('ws-text').value);
+};
+
 async function echo() {
   const out = document.getElementById('echo-out');
   try {

@@ -92,7 +92,12 @@ pub async fn serve(
     log_startup(config, certs, &listeners, &router);
 
     let drain = Drain::new();
-    let gateway = Arc::new(Gateway::new(router, config.listen.http_mode, https_port));
+    let gateway = Arc::new(Gateway::new(
+        router,
+        config.listen.http_mode,
+        https_port,
+        drain.clone(),
+    ));
     let ctx = Arc::new(ConnContext::new(gateway, config.limits.clone(), drain.clone()));
     let slots = Arc::new(Semaphore::new(config.limits.max_connections));
 

@@ -1,10 +1,10 @@
 //! Plain HTTP forwarding: one request to one backend, bodies streamed both ways, a refused
-//! backend skipped once.
+//! backend skipped once. [`send`] is shared with the WebSocket handshake.
 
 use std::sync::Arc;
 
-use http::header::{self, HeaderValue};
-use http::{Request, Response, Uri, Version};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use super::body::{GatewayBody, UpstreamBody};
@@ -24,42 +24,51 @@ pub async fn forward(
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     prepare_headers(&mut parts.headers, &parts.uri, conn);
-    let path = route.backend_path(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()));
-
     let (body, slot) = UpstreamBody::new(body);
+    let mut response = send(route, parts.method, &parts.uri, parts.headers, body, slot, backend_used).await?;
+    remove_hop_by_hop(response.headers_mut());
+    Ok(response.map(|body| GatewayBody::Upstream { body }))
+}
+
+/// Sends a request to the route's next backend, and once more to the one after it if the
+/// first refused the connection (and the body has not started to go out).
+pub(super) async fn send(
+    route: &Arc<Route>,
+    method: Method,
+    uri: &Uri,
+    mut headers: HeaderMap,
+    body: UpstreamBody,
+    slot: Option<Arc<std::sync::Mutex<Option<Incoming>>>>,
+    backend_used: &mut Option<String>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let path = route.backend_path(uri.path_and_query().map_or("/", |pq| pq.as_str()));
     let mut body = Some(body);
-    // A refused backend is skipped once: at most two tries, whatever the number of backends.
+    // At most two tries, whatever the number of backends.
     let attempts = route.config.backends.len().min(2);
     let mut tries = route.backends().take(attempts).peekable();
+    let mut failed = None;
     while let Some(backend) = tries.next() {
         let last = tries.peek().is_none();
-        let uri: Uri = format!("http://{backend}{path}")
+        let target: Uri = format!("http://{backend}{path}")
             .parse()
             .map_err(|_| ProxyError::BadRequest("request target is not a valid URI"))?;
-        let mut upstream_req = Request::new(
-            body.take()
-                .unwrap_or_else(|| slot.as_ref().map_or(UpstreamBody::Empty, UpstreamBody::from_slot)),
-        );
-        *upstream_req.method_mut() = parts.method.clone();
-        *upstream_req.uri_mut() = uri;
-        *upstream_req.version_mut() = Version::HTTP_11;
-        *upstream_req.headers_mut() = if last {
-            std::mem::take(&mut parts.headers)
+        let body = body
+            .take()
+            .unwrap_or_else(|| slot.as_ref().map_or(UpstreamBody::Empty, UpstreamBody::from_slot));
+        let mut req = Request::new(body);
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = target;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = if last {
+            std::mem::take(&mut headers)
         } else {
-            parts.headers.clone()
+            headers.clone()
         };
 
         *backend_used = Some(backend.to_string());
-        let sent = tokio::time::timeout(
-            route.config.response_header_timeout,
-            route.upstream.request(upstream_req),
-        )
-        .await;
+        let sent = tokio::time::timeout(route.config.response_header_timeout, route.upstream.request(req)).await;
         let error = match sent {
-            Ok(Ok(mut response)) => {
-                remove_hop_by_hop(response.headers_mut());
-                return Ok(response.map(|body| GatewayBody::Upstream { body }));
-            }
+            Ok(Ok(response)) => return Ok(response),
             Ok(Err(e)) => e,
             Err(_elapsed) => {
                 return Err(ProxyError::ResponseTimeout {
@@ -73,19 +82,20 @@ pub async fn forward(
             tracing::warn!(route = %route.name, %backend, "backend refused the connection, trying the next one");
             continue;
         }
-        return Err(failure.into_error(route, backend, error));
+        failed = Some(failure.into_error(route, backend, error));
+        break;
     }
-    // Only reachable with no backends, which config validation refuses.
-    Err(ProxyError::BadRequest("route has no backends"))
+    // `failed` is None only for a route without backends, which config validation refuses.
+    Err(failed.unwrap_or(ProxyError::BadRequest("route has no backends")))
 }
 
 /// Hop-by-hop headers out, X-Forwarded-* in, and `Host` as the client sent it (an HTTP/2
 /// client sends `:authority` instead, which becomes `Host` towards the HTTP/1.1 backend).
-pub(super) fn prepare_headers(headers: &mut http::HeaderMap, uri: &Uri, conn: &ConnInfo) {
-    let host = headers.get(header::HOST).cloned().or_else(|| {
-        uri.authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+pub(super) fn prepare_headers(headers: &mut HeaderMap, uri: &Uri, conn: &ConnInfo) {
+    let host = headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     remove_hop_by_hop(headers);
     add_forwarded(headers, conn.peer.ip(), conn.tls, host.as_ref());
     if let Some(host) = host {

@@ -6,6 +6,7 @@ pub mod body;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod websocket;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use crate::config::HttpMode;
+use crate::drain::Drain;
 use crate::router::{request_host, Router};
 use access::{AccessEntry, Logged};
 use body::GatewayBody;
@@ -35,14 +37,17 @@ pub struct Gateway {
     http_mode: HttpMode,
     /// Port of the TLS listener, for redirects from the plain one.
     https_port: u16,
+    /// WebSocket tunnels outlive their request: they are spawned here so shutdown sees them.
+    drain: Drain,
 }
 
 impl Gateway {
-    pub fn new(router: Router, http_mode: HttpMode, https_port: u16) -> Gateway {
+    pub fn new(router: Router, http_mode: HttpMode, https_port: u16, drain: Drain) -> Gateway {
         Gateway {
             router,
             http_mode,
             https_port,
+            drain,
         }
     }
 
@@ -104,7 +109,11 @@ impl Gateway {
             })?
             .clone();
         entry.route = Some(route.clone());
-        forward::forward(&route, req, &conn, &mut entry.backend).await
+        if is_websocket {
+            websocket::bridge(&route, req, &conn, &self.drain, &mut entry.backend).await
+        } else {
+            forward::forward(&route, req, &conn, &mut entry.backend).await
+        }
     }
 
     /// 308 to the same host, path and query on the TLS listener (the plain listener's default).

@@ -1,0 +1,248 @@
+//! WebSocket bridging: checks the client's handshake (HTTP/1.1 Upgrade, or HTTP/2 extended
+//! CONNECT per RFC 8441), makes an HTTP/1.1 upgrade to the backend, answers the client, and
+//! hands both upgraded connections to the [`relay`].
+
+pub mod frame;
+pub mod relay;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+
+use super::body::{GatewayBody, UpstreamBody};
+use super::error::ProxyError;
+use super::forward::{prepare_headers, send};
+use super::headers::{has_token, remove_hop_by_hop};
+use super::ConnInfo;
+use crate::drain::Drain;
+use crate::router::Route;
+use relay::{relay, RelayConfig};
+
+const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
+const SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
+const SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
+
+/// Bridges one WebSocket handshake on `route`. On success the returned response is the 101
+/// (HTTP/1.1) or 200 (HTTP/2) for the client, and the relay runs in a task of the drain.
+pub async fn bridge(
+    route: &Arc<Route>,
+    mut req: Request<Incoming>,
+    conn: &ConnInfo,
+    drain: &Drain,
+    backend_used: &mut Option<String>,
+) -> Result<Response<GatewayBody>, ProxyError> {
+    let h2 = req.method() == Method::CONNECT;
+    let bad = |reason: String| ProxyError::BadHandshake {
+        route: route.name.clone(),
+        reason,
+    };
+    check_handshake(req.headers(), h2).map_err(bad)?;
+    check_origin(route, req.headers())?;
+    let slot = match &route.websocket_slots {
+        Some(slots) => Some(slots.clone().try_acquire_owned().map_err(|_| ProxyError::RouteFull {
+            route: route.name.clone(),
+        })?),
+        None => None,
+    };
+
+    // Must be taken before the response goes out (hyper's upgrade order).
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let (mut parts, _empty_body) = req.into_parts();
+    prepare_headers(&mut parts.headers, &parts.uri, conn);
+    // Upgrade and Connection are hop-by-hop and were just removed: put the pair back.
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let key = if h2 {
+        // RFC 8441 has no key; the HTTP/1.1 backend needs one (RFC 6455 4.1).
+        let key = generate_key();
+        parts.headers.insert(
+            SEC_WEBSOCKET_KEY,
+            HeaderValue::from_str(&key).map_err(|_| bad("cannot make a key".into()))?,
+        );
+        Some(key)
+    } else {
+        None
+    };
+
+    let mut response = send(route, Method::GET, &parts.uri, parts.headers, UpstreamBody::Empty, None, backend_used).await?;
+    let backend = backend_used.clone().unwrap_or_default();
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The backend said no: its answer reaches the client as it is.
+        tracing::info!(route = %route.name, %backend, status = response.status().as_u16(), "backend declined the WebSocket handshake");
+        remove_hop_by_hop(response.headers_mut());
+        return Ok(response.map(|body| GatewayBody::Upstream { body }));
+    }
+    let upstream_bad = |reason: &str| ProxyError::BadUpstreamHandshake {
+        route: route.name.clone(),
+        backend: backend.clone(),
+        reason: reason.to_string(),
+    };
+    if !has_token(response.headers(), header::UPGRADE, "websocket") {
+        return Err(upstream_bad("101 without Upgrade: websocket"));
+    }
+    if let Some(key) = &key {
+        let expected = derive_accept_key(key.as_bytes());
+        if response.headers().get(SEC_WEBSOCKET_ACCEPT).map(|v| v.as_bytes()) != Some(expected.as_bytes()) {
+            return Err(upstream_bad("wrong Sec-WebSocket-Accept"));
+        }
+    }
+
+    let mut headers = std::mem::take(response.headers_mut());
+    remove_hop_by_hop(&mut headers);
+    let mut reply = Response::new(GatewayBody::empty());
+    if h2 {
+        // RFC 8441 5: success is a 200, and there is no accept key on HTTP/2.
+        headers.remove(SEC_WEBSOCKET_ACCEPT);
+    } else {
+        *reply.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    *reply.headers_mut() = headers;
+
+    let backend_upgrade = hyper::upgrade::on(response);
+    let config = RelayConfig {
+        ping_interval: route.config.websocket.ping_interval,
+        idle_timeout: route.config.websocket.idle_timeout,
+        max_message_size: route.config.websocket.max_message_size,
+    };
+    let route = route.clone();
+    let tunnel_drain = drain.clone();
+    drain.spawn(async move {
+        let start = Instant::now();
+        let (client, backend_io) = match tokio::try_join!(client_upgrade, backend_upgrade) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(route = %route.name, %backend, error = %e, "websocket upgrade failed");
+                return;
+            }
+        };
+        let stats = relay(TokioIo::new(client), TokioIo::new(backend_io), config, &tunnel_drain).await;
+        tracing::info!(
+            target: "streamgate::access",
+            route = %route.name,
+            %backend,
+            duration_ms = start.elapsed().as_millis() as u64,
+            messages_to_backend = stats.to_backend.messages,
+            bytes_to_backend = stats.to_backend.bytes,
+            messages_to_client = stats.to_client.messages,
+            bytes_to_client = stats.to_client.bytes,
+            closed_by = stats.closed_by.as_str(),
+            close_code = stats.close_code.map_or(1006, |c| c),
+            reason = stats.reason.unwrap_or("-"),
+            "websocket"
+        );
+        drop(slot);
+    });
+    Ok(reply)
+}
+
+/// RFC 6455 4.2.1 (HTTP/1.1) and RFC 8441 4 (HTTP/2): the reason is the body of the 400.
+fn check_handshake(headers: &HeaderMap, h2: bool) -> Result<(), String> {
+    if !h2 {
+        if !has_token(headers, header::CONNECTION, "upgrade") {
+            return Err("Connection header must contain \"upgrade\"".into());
+        }
+        match headers.get(SEC_WEBSOCKET_KEY).map(|v| v.as_bytes()) {
+            None => return Err("missing Sec-WebSocket-Key header".into()),
+            Some(k) if !is_websocket_key(k) => {
+                return Err("Sec-WebSocket-Key must be 16 bytes in base64".into())
+            }
+            Some(_) => {}
+        }
+    }
+    match headers.get(SEC_WEBSOCKET_VERSION) {
+        Some(v) if v.as_bytes() == b"13" => Ok(()),
+        Some(v) => Err(format!(
+            "Sec-WebSocket-Version must be 13, got {:?}",
+            String::from_utf8_lossy(v.as_bytes())
+        )),
+        None => Err("missing Sec-WebSocket-Version header".into()),
+    }
+}
+
+/// 16 bytes in base64: 22 characters of the alphabet, then "==".
+fn is_websocket_key(k: &[u8]) -> bool {
+    k.len() == 24
+        && k.ends_with(b"==")
+        && k[..22].iter().all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
+}
+
+/// Cross-site WebSocket hijacking guard: with `allowed_origins` set, the Origin must be listed.
+fn check_origin(route: &Route, headers: &HeaderMap) -> Result<(), ProxyError> {
+    let Some(allowed) = &route.config.websocket.allowed_origins else {
+        return Ok(());
+    };
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let normalized = origin.trim_end_matches('/').to_ascii_lowercase();
+    if allowed.iter().any(|a| a == &normalized) {
+        Ok(())
+    } else {
+        Err(ProxyError::OriginForbidden {
+            route: route.name.clone(),
+            origin: origin.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn valid_handshakes_pass() {
+        let h1 = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ]);
+        assert_eq!(check_handshake(&h1, false), Ok(()));
+        let h2 = headers(&[("sec-websocket-version", "13")]);
+        assert_eq!(check_handshake(&h2, true), Ok(()));
+    }
+
+    #[test]
+    fn each_bad_handshake_names_its_header() {
+        let base = [
+            ("connection", "Upgrade"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ];
+        let cases: [(usize, Option<(&str, &str)>, &str); 4] = [
+            (0, Some(("connection", "keep-alive")), "Connection"),
+            (1, None, "missing Sec-WebSocket-Key"),
+            (1, Some(("sec-websocket-key", "short")), "Sec-WebSocket-Key"),
+            (2, Some(("sec-websocket-version", "8")), "Version must be 13"),
+        ];
+        for (skip, replace, expected) in cases {
+            let mut h = HeaderMap::new();
+            for (i, (k, v)) in base.iter().enumerate() {
+                if i != skip {
+                    h.append(*k, HeaderValue::from_static(v));
+                }
+            }
+            if let Some((k, v)) = replace {
+                h.append(k, HeaderValue::from_static(v));
+            }
+            let err = check_handshake(&h, false).expect_err("handshake is bad");
+            assert!(err.contains(expected), "{err:?} should mention {expected}");
+        }
+    }
+}

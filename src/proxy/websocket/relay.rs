@@ -1,0 +1,474 @@
+//! The WebSocket relay: copies bytes both ways unchanged through small bounded buffers, reading
+//! only frame headers (RFC 6455 5.2) so it always knows where a frame ends. That is what lets
+//! it inject a Ping or a Close between frames, count messages, and enforce a size limit.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use super::frame::{self, Parsed};
+use crate::drain::Drain;
+
+/// Bytes buffered per direction. Enough for a TLS record's worth of frames; small, because the
+/// goal is many idle connections per machine (backpressure does the rest).
+const BUF_SIZE: usize = 8 * 1024;
+
+/// How long the gateway waits for peers to finish a close it started or relayed.
+const LINGER: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub ping_interval: Option<Duration>,
+    pub idle_timeout: Duration,
+    pub max_message_size: Option<u64>,
+}
+
+/// Who ended the connection, for the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosedBy {
+    Client,
+    Backend,
+    /// The gateway: size limit, idle timeout, shutdown.
+    Gateway,
+}
+
+impl ClosedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClosedBy::Client => "client",
+            ClosedBy::Backend => "backend",
+            ClosedBy::Gateway => "gateway",
+        }
+    }
+}
+
+/// What passed through one direction.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DirectionStats {
+    pub bytes: u64,
+    pub messages: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayStats {
+    pub to_backend: DirectionStats,
+    pub to_client: DirectionStats,
+    pub closed_by: ClosedBy,
+    /// The first close code seen or sent; `None` when a side vanished without a Close (1006).
+    pub close_code: Option<u16>,
+    /// Why the gateway closed, when it did.
+    pub reason: Option<&'static str>,
+}
+
+/// Something in one direction that the relay as a whole must react to.
+#[derive(Debug)]
+enum Event {
+    /// The source sent EOF (`None`) or failed.
+    ReadEnded(Option<io::Error>),
+    WriteFailed(io::Error),
+    /// A Close frame from the source has been forwarded in full.
+    CloseForwarded(Option<u16>),
+    /// The source started a frame that takes its message past `max_message_size`.
+    TooBig,
+    /// The source sent bytes that are not a WebSocket frame.
+    Invalid(&'static str),
+}
+
+/// One direction: source -> buffer -> destination, tracking frame boundaries.
+struct Pump {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// Bytes of the current frame (header included) not yet written; 0 at a frame boundary.
+    frame_left: u64,
+    /// The frame being written is a Close from the source; its code.
+    forwarding_close: Option<Option<u16>>,
+    /// Payload bytes of the current data message so far (summed over fragments).
+    message_len: u64,
+    /// Frames the gateway writes itself, at the next boundary.
+    inject: VecDeque<Vec<u8>>,
+    inject_at: usize,
+    /// Frames toward the backend must be masked (the gateway is the client there).
+    mask: bool,
+    read_done: bool,
+    write_done: bool,
+    /// After a Close the gateway sent: drop further input, shut the destination down.
+    discard: bool,
+    shutdown_pending: bool,
+    needs_flush: bool,
+    close_sent: bool,
+    last_read: Instant,
+    stats: DirectionStats,
+}
+
+impl Pump {
+    fn new(mask: bool) -> Pump {
+        Pump {
+            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            frame_left: 0,
+            forwarding_close: None,
+            message_len: 0,
+            inject: VecDeque::new(),
+            inject_at: 0,
+            mask,
+            read_done: false,
+            write_done: false,
+            discard: false,
+            shutdown_pending: false,
+            needs_flush: false,
+            close_sent: false,
+            last_read: Instant::now(),
+            stats: DirectionStats::default(),
+        }
+    }
+
+    fn push_close(&mut self, code: u16, reason: &str) {
+        if self.close_sent || self.write_done || self.inject.iter().any(|f| f[0] == 0x88) {
+            return;
+        }
+        let mask = self.mask.then(random_mask);
+        self.inject.push_back(frame::close_frame(code, reason, mask));
+    }
+
+    fn push_ping(&mut self) {
+        if self.close_sent || self.discard || !self.inject.is_empty() {
+            return;
+        }
+        let mask = self.mask.then(random_mask);
+        self.inject.push_back(frame::control_frame(frame::OP_PING, b"streamgate", mask));
+    }
+
+    /// Ends this direction's writing once what is queued is out.
+    fn finish(&mut self) {
+        self.shutdown_pending = true;
+    }
+
+    fn poll<S, D>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut src: Pin<&mut S>,
+        mut dst: Pin<&mut D>,
+        limit: Option<u64>,
+    ) -> Poll<Event>
+    where
+        S: AsyncRead + ?Sized,
+        D: AsyncWrite + ?Sized,
+    {
+        loop {
+            if !self.write_done {
+                // 1. The gateway's own frames go out only between frames.
+                if self.frame_left == 0 && !self.inject.is_empty() {
+                    let frame = &self.inject[0];
+                    let n = match ready!(dst.as_mut().poll_write(cx, &frame[self.inject_at..])) {
+                        Ok(0) => return Poll::Ready(Event::WriteFailed(io::ErrorKind::WriteZero.into())),
+                        Ok(n) => n,
+                        Err(e) => return Poll::Ready(Event::WriteFailed(e)),
+                    };
+                    self.needs_flush = true;
+                    self.inject_at += n;
+                    if self.inject_at == frame.len() {
+                        if frame[0] & 0x0F == frame::OP_CLOSE {
+                            // RFC 6455 5.5.1: nothing may follow our Close.
+                            self.close_sent = true;
+                            self.discard = true;
+                            self.shutdown_pending = true;
+                        }
+                        self.inject.pop_front();
+                        self.inject_at = 0;
+                    }
+                    continue;
+                }
+
+                // 2. Forward buffered bytes, a whole header (or control frame) at a time.
+                if self.discard {
+                    self.start = 0;
+                    self.end = 0;
+                }
+                if self.start < self.end && self.frame_left == 0 {
+                    match frame::parse(&self.buf[self.start..self.end]) {
+                        Parsed::Incomplete => {}
+                        Parsed::Invalid(why) => return Poll::Ready(Event::Invalid(why)),
+                        Parsed::Header(h) => {
+                            let buffered = (self.end - self.start) as u64;
+                            if !h.is_control() || buffered >= h.frame_len() {
+                                if !h.is_control() {
+                                    if h.opcode != frame::OP_CONTINUATION {
+                                        self.message_len = 0;
+                                    }
+                                    self.message_len += h.payload_len;
+                                    if limit.is_some_and(|max| self.message_len > max) {
+                                        self.discard = true;
+                                        return Poll::Ready(Event::TooBig);
+                                    }
+                                    if h.fin {
+                                        self.stats.messages += 1;
+                                    }
+                                } else if h.opcode == frame::OP_CLOSE {
+                                    let payload = &self.buf[self.start + h.header_len
+                                        ..self.start + h.frame_len() as usize];
+                                    self.forwarding_close = Some(frame::close_code(payload, h.mask));
+                                }
+                                self.frame_left = h.frame_len();
+                            }
+                        }
+                    }
+                }
+                if self.start < self.end && self.frame_left > 0 {
+                    let n = (self.end - self.start).min(self.frame_left.min(usize::MAX as u64) as usize);
+                    let written =
+                        match ready!(dst.as_mut().poll_write(cx, &self.buf[self.start..self.start + n])) {
+                            Ok(0) => {
+                                return Poll::Ready(Event::WriteFailed(io::ErrorKind::WriteZero.into()))
+                            }
+                            Ok(w) => w,
+                            Err(e) => return Poll::Ready(Event::WriteFailed(e)),
+                        };
+                    self.needs_flush = true;
+                    self.start += written;
+                    self.frame_left -= written as u64;
+                    self.stats.bytes += written as u64;
+                    if self.start == self.end {
+                        self.start = 0;
+                        self.end = 0;
+                    }
+                    if self.frame_left == 0 {
+                        if let Some(code) = self.forwarding_close.take() {
+                            self.close_sent = true;
+                            return Poll::Ready(Event::CloseForwarded(code));
+                        }
+                    }
+                    continue;
+                }
+
+                // 3. Everything forwardable is written: flush before waiting for more.
+                if self.needs_flush {
+                    if let Err(e) = ready!(dst.as_mut().poll_flush(cx)) {
+                        return Poll::Ready(Event::WriteFailed(e));
+                    }
+                    self.needs_flush = false;
+                }
+                if self.shutdown_pending && self.inject.is_empty() && (self.discard || self.frame_left == 0) {
+                    // A failed shutdown only means the peer is gone already.
+                    let _ = ready!(dst.as_mut().poll_shutdown(cx));
+                    self.write_done = true;
+                    continue;
+                }
+            }
+
+            // 4. Read more: into the free space after a partial header, or discarding.
+            if self.read_done {
+                return Poll::Pending;
+            }
+            if self.write_done || self.discard {
+                self.start = 0;
+                self.end = 0;
+            } else if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.end == self.buf.len() {
+                // Only a partial header or control frame (at most 139 bytes) is ever kept.
+                return Poll::Ready(Event::Invalid("frame header larger than the buffer"));
+            }
+            let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
+            match ready!(src.as_mut().poll_read(cx, &mut rb)) {
+                Ok(()) if rb.filled().is_empty() => {
+                    self.read_done = true;
+                    return Poll::Ready(Event::ReadEnded(None));
+                }
+                Ok(()) => {
+                    self.end += rb.filled().len();
+                    self.last_read = Instant::now();
+                }
+                Err(e) => {
+                    self.read_done = true;
+                    return Poll::Ready(Event::ReadEnded(Some(e)));
+                }
+            }
+        }
+    }
+}
+
+fn random_mask() -> [u8; 4] {
+    let mut m = [0u8; 4];
+    // ring's system RNG only fails if the OS has no randomness at all; a fixed mask then is
+    // still a valid frame (masking is for caches, not secrecy).
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut m);
+    m
+}
+
+/// Relays between an upgraded client and backend until both sides are done, the gateway closes
+/// the connection (size limit, idle timeout, drain), or the drain's grace period ends.
+pub async fn relay<C, B>(mut client: C, mut backend: B, config: RelayConfig, drain: &Drain) -> RelayStats
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = Pump::new(true); // client -> backend
+    let mut down = Pump::new(false); // backend -> client
+    let mut closed_by: Option<ClosedBy> = None;
+    let mut close_code: Option<u16> = None;
+    let mut reason: Option<&'static str> = None;
+
+    // One timer for the idle timeout, reused as the linger deadline once closing.
+    let mut closing = false;
+    let deadline = tokio::time::sleep(config.idle_timeout);
+    tokio::pin!(deadline);
+    let ping_every = config.ping_interval.unwrap_or(Duration::from_secs(86_400 * 365));
+    let ping = tokio::time::sleep(ping_every);
+    tokio::pin!(ping);
+    let mut drained = drain.is_draining();
+    if drained {
+        up.push_close(frame::CLOSE_GOING_AWAY, "server shutting down");
+        down.push_close(frame::CLOSE_GOING_AWAY, "server shutting down");
+    }
+
+    loop {
+        if up.read_done && down.read_done {
+            break;
+        }
+        let (side, event) = tokio::select! {
+            e = poll_fn(|cx| {
+                if let Poll::Ready(e) = up.poll(cx, Pin::new(&mut client), Pin::new(&mut backend), config.max_message_size) {
+                    return Poll::Ready((ClosedBy::Client, e));
+                }
+                down.poll(cx, Pin::new(&mut backend), Pin::new(&mut client), config.max_message_size)
+                    .map(|e| (ClosedBy::Backend, e))
+            }) => e,
+            _ = &mut deadline => {
+                if closing {
+                    break;
+                }
+                let last = up.last_read.max(down.last_read);
+                if last.elapsed() >= config.idle_timeout {
+                    closed_by.get_or_insert(ClosedBy::Gateway);
+                    close_code.get_or_insert(frame::CLOSE_GOING_AWAY);
+                    reason.get_or_insert("idle timeout");
+                    up.push_close(frame::CLOSE_GOING_AWAY, "idle timeout");
+                    down.push_close(frame::CLOSE_GOING_AWAY, "idle timeout");
+                    closing = true;
+                    deadline.as_mut().reset(Instant::now() + LINGER);
+                } else {
+                    deadline.as_mut().reset(last + config.idle_timeout);
+                }
+                continue;
+            }
+            _ = &mut ping, if config.ping_interval.is_some() && !closing => {
+                if up.last_read.elapsed() >= ping_every {
+                    down.push_ping();
+                    ping.as_mut().reset(Instant::now() + ping_every);
+                } else {
+                    ping.as_mut().reset(up.last_read + ping_every);
+                }
+                continue;
+            }
+            _ = drain.draining(), if !drained => {
+                drained = true;
+                closed_by.get_or_insert(ClosedBy::Gateway);
+                close_code.get_or_insert(frame::CLOSE_GOING_AWAY);
+                reason.get_or_insert("shutdown");
+                up.push_close(frame::CLOSE_GOING_AWAY, "server shutting down");
+                down.push_close(frame::CLOSE_GOING_AWAY, "server shutting down");
+                // Peers get the grace period to answer; the cut ends what is left.
+                continue;
+            }
+            _ = drain.cut() => break,
+        };
+
+        // `side` is the source of the direction the event came from.
+        let (from, to) = match side {
+            ClosedBy::Client => (&mut up, &mut down),
+            _ => (&mut down, &mut up),
+        };
+        match event {
+            Event::CloseForwarded(code) => {
+                if closed_by.is_none() {
+                    closed_by = Some(side);
+                    close_code = code;
+                }
+                if to.close_sent && !closing {
+                    // Both Closes have passed: the handshake is complete; peers close TCP now.
+                    closing = true;
+                    deadline.as_mut().reset(Instant::now() + LINGER);
+                }
+            }
+            Event::ReadEnded(error) => {
+                if let Some(e) = error {
+                    tracing::debug!(from = side.as_str(), error = %e, "websocket read failed");
+                }
+                if !from.close_sent && closed_by.is_none() {
+                    closed_by = Some(side);
+                    if side == ClosedBy::Backend {
+                        // The backend died or closed without a Close: tell the client 1011.
+                        close_code = Some(frame::CLOSE_INTERNAL_ERROR);
+                    }
+                }
+                if from.frame_left > 0 {
+                    // Cut mid-frame: no frame can follow, so the connection just closes.
+                    from.discard = true;
+                } else if !from.close_sent {
+                    let (code, why) = match side {
+                        ClosedBy::Backend => (frame::CLOSE_INTERNAL_ERROR, "backend closed the connection"),
+                        _ => (frame::CLOSE_GOING_AWAY, "client went away"),
+                    };
+                    from.push_close(code, why);
+                }
+                from.finish();
+                if !closing {
+                    closing = true;
+                    deadline.as_mut().reset(Instant::now() + LINGER);
+                }
+            }
+            Event::WriteFailed(e) => {
+                tracing::debug!(to = if side == ClosedBy::Client { "backend" } else { "client" }, error = %e, "websocket write failed");
+                // The destination is gone: nothing more can be said to it.
+                from.write_done = true;
+                from.discard = true;
+                if !closing {
+                    closing = true;
+                    deadline.as_mut().reset(Instant::now() + LINGER);
+                }
+            }
+            Event::TooBig => {
+                closed_by.get_or_insert(ClosedBy::Gateway);
+                close_code.get_or_insert(frame::CLOSE_TOO_BIG);
+                reason.get_or_insert("message too big");
+                // 1009 to the sender, 1001 to the receiver, each at its own frame boundary.
+                to.push_close(frame::CLOSE_TOO_BIG, "message too big");
+                from.push_close(frame::CLOSE_GOING_AWAY, "peer sent a message too big");
+                closing = true;
+                deadline.as_mut().reset(Instant::now() + LINGER);
+            }
+            Event::Invalid(why) => {
+                closed_by.get_or_insert(ClosedBy::Gateway);
+                close_code.get_or_insert(frame::CLOSE_PROTOCOL_ERROR);
+                reason.get_or_insert(why);
+                from.discard = true;
+                to.push_close(frame::CLOSE_PROTOCOL_ERROR, "invalid frame");
+                from.push_close(frame::CLOSE_GOING_AWAY, "peer sent an invalid frame");
+                closing = true;
+                deadline.as_mut().reset(Instant::now() + LINGER);
+            }
+        }
+    }
+
+    RelayStats {
+        to_backend: up.stats,
+        to_client: down.stats,
+        closed_by: closed_by.unwrap_or(ClosedBy::Gateway),
+        close_code,
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests;
