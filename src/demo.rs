@@ -59,6 +59,13 @@ path = "/echo"
 backends = ["http://{backend_addr}"]
 
 [[route]]
+path = "/events"
+backends = ["http://{backend_addr}"]
+[route.sse]
+heartbeat = "15s"
+shutdown_retry = "2s"
+
+[[route]]
 path = "/ws"
 backends = ["http://{backend_addr}"]
 [route.websocket]
@@ -94,33 +101,81 @@ async fn serve_backend(listener: TcpListener) {
     }
 }
 
-async fn backend(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn backend(req: Request<Incoming>) -> Result<Response<DemoBody>, Infallible> {
     let path = req.uri().path().to_string();
-    let response = if path == "/ws" {
+    let response = if path == "/events" {
+        events(&req)
+    } else if path == "/ws" {
         websocket_echo(req)
     } else if path == "/echo" || path.starts_with("/echo/") {
         echo(req).await
     } else if path == "/" {
         Response::builder()
             .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
-            .body(Full::new(Bytes::from_static(PAGE.as_bytes())))
+            .body(full(Bytes::from_static(PAGE.as_bytes())))
     } else {
         Response::builder()
             .status(404)
-            .body(Full::new(Bytes::from_static(b"demo backend: not found\n")))
+            .body(full(Bytes::from_static(b"demo backend: not found\n")))
     };
-    Ok(response.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+    Ok(response.unwrap_or_else(|_| Response::new(full(Bytes::new()))))
+}
+
+type DemoBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+fn full(bytes: Bytes) -> DemoBody {
+    Full::new(bytes).boxed_unsync()
+}
+
+/// An event stream: a counter with `id:` lines, one event a second, resuming after the
+/// `Last-Event-ID` a reconnecting EventSource sends.
+fn events(req: &Request<Incoming>) -> http::Result<Response<DemoBody>> {
+    let next = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(1, |id| id + 1);
+    let ticks = Counter {
+        next,
+        interval: tokio::time::interval(std::time::Duration::from_secs(1)),
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(ticks.boxed_unsync())
+}
+
+struct Counter {
+    next: u64,
+    interval: tokio::time::Interval,
+}
+
+impl http_body::Body for Counter {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::task::ready!(self.interval.poll_tick(cx));
+        let n = self.next;
+        self.next += 1;
+        let event = format!("id: {n}\nevent: tick\ndata: {{\"count\": {n}}}\n\n");
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(event)))))
+    }
 }
 
 /// A WebSocket echo: every text or binary message comes back as it was sent.
-fn websocket_echo(mut req: Request<Incoming>) -> http::Result<Response<Full<Bytes>>> {
+fn websocket_echo(mut req: Request<Incoming>) -> http::Result<Response<DemoBody>> {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Role};
 
     let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
         return Response::builder()
             .status(400)
-            .body(Full::new(Bytes::from_static(b"demo backend: WebSocket only\n")));
+            .body(full(Bytes::from_static(b"demo backend: WebSocket only\n")));
     };
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
@@ -142,11 +197,11 @@ fn websocket_echo(mut req: Request<Incoming>) -> http::Result<Response<Full<Byte
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
         .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
-        .body(Full::new(Bytes::new()))
+        .body(full(Bytes::new()))
 }
 
 /// Answers with the request as the backend saw it: what the gateway forwarded.
-async fn echo(req: Request<Incoming>) -> http::Result<Response<Full<Bytes>>> {
+async fn echo(req: Request<Incoming>) -> http::Result<Response<DemoBody>> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let mut text = format!("{} {} {:?}\n", parts.method, parts.uri, parts.version);
@@ -156,7 +211,7 @@ async fn echo(req: Request<Incoming>) -> http::Result<Response<Full<Bytes>>> {
     text.push_str(&format!("\n{} body bytes\n", body.len()));
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from(text)))
+        .body(full(Bytes::from(text)))
 }
 
 const PAGE: &str = r#"<!doctype html>
@@ -187,7 +242,19 @@ backend echoes each message.</p>
 <form id="ws-form"><input id="ws-text" value="hello over wss" size="40"> <button>Send</button></form>
 <pre id="ws-out">connecting…</pre>
 
+<h2>Server-Sent Events: <code>/events</code></h2>
+<p>An event stream through the gateway, each event delivered as the backend writes it, with
+<code>id:</code> lines so a reconnecting EventSource resumes where it left off.</p>
+<pre id="sse-out">connecting…</pre>
+
 <script>
+const sseOut = document.getElementById('sse-out');
+const source = new EventSource('/events');
+source.addEventListener('tick', (e) => {
+  sseOut.textContent = 'event id ' + e.lastEventId + ': ' + e.data + '\n' + sseOut.textContent.split('\n').slice(0, 4).join('\n');
+});
+source.onerror = () => { sseOut.textContent = 'reconnecting…\n' + sseOut.textContent; };
+
 const wsOut = document.getElementById('ws-out');
 const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws');
 ws.onopen = () => { wsOut.textContent = 'open\n'; ws.send('hello from the demo page'); };

@@ -35,6 +35,11 @@ impl Drain {
         self.draining.cancelled()
     }
 
+    /// Like [`Drain::draining`], for futures that must own it (response bodies).
+    pub fn draining_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.draining.clone().cancelled_owned()
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.is_cancelled()
     }

@@ -159,8 +159,12 @@ impl Default for WebSocketConfig {
 
 #[derive(Debug, Clone)]
 pub struct SseConfig {
+    /// Send a comment line when the backend has been quiet this long (at an event boundary).
     pub heartbeat: Option<Duration>,
+    /// End a stream whose backend has sent nothing for this long.
     pub idle_timeout: Duration,
+    /// On shutdown, send `retry: <ms>` before ending the stream, so clients reconnect after it.
+    pub shutdown_retry: Option<Duration>,
 }
 
 impl Default for SseConfig {
@@ -168,6 +172,7 @@ impl Default for SseConfig {
         SseConfig {
             heartbeat: None,
             idle_timeout: Duration::from_secs(3600),
+            shutdown_retry: None,
         }
     }
 }
@@ -481,6 +486,11 @@ impl Located<'_> {
                     .map(|v| self.duration(&key("sse.heartbeat"), v))
                     .transpose()?,
                 idle_timeout: self.duration_or(&key("sse.idle_timeout"), &s.idle_timeout, d.idle_timeout)?,
+                shutdown_retry: s
+                    .shutdown_retry
+                    .as_ref()
+                    .map(|v| self.duration(&key("sse.shutdown_retry"), v))
+                    .transpose()?,
             },
         };
 
@@ -521,7 +531,9 @@ impl Located<'_> {
             return Err(bad(" with no path"));
         }
         let authority: Authority = rest.parse().map_err(|_| bad(""))?;
-        if authority.host().is_empty() {
+        // `Authority` parses the port lazily: "x:port" and "x:99999" parse, with no port.
+        let has_port = authority.as_str().len() > authority.host().len();
+        if authority.host().is_empty() || (has_port && authority.port_u16().is_none()) {
             return Err(bad(""));
         }
         Ok(authority)

@@ -92,4 +92,5 @@ pub struct RawWebSocket {
 pub struct RawSse {
     pub heartbeat: Option<Text>,
     pub idle_timeout: Option<Text>,
+    pub shutdown_retry: Option<Text>,
 }

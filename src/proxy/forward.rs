@@ -1,5 +1,6 @@
 //! Plain HTTP forwarding: one request to one backend, bodies streamed both ways, a refused
-//! backend skipped once. [`send`] is shared with the WebSocket handshake.
+//! backend skipped once; event streams get [`SseBody`]. [`send`] is shared with the WebSocket
+//! handshake.
 
 use std::sync::Arc;
 
@@ -10,7 +11,9 @@ use hyper::body::Incoming;
 use super::body::{GatewayBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers::{add_forwarded, remove_hop_by_hop};
+use super::sse::{is_event_stream, SseBody};
 use super::ConnInfo;
+use crate::drain::Drain;
 use crate::router::Route;
 use crate::upstream::{classify, Failure};
 
@@ -20,6 +23,7 @@ pub async fn forward(
     route: &Arc<Route>,
     req: Request<Incoming>,
     conn: &ConnInfo,
+    drain: &Drain,
     backend_used: &mut Option<String>,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
@@ -27,6 +31,10 @@ pub async fn forward(
     let (body, slot) = UpstreamBody::new(body);
     let mut response = send(route, parts.method, &parts.uri, parts.headers, body, slot, backend_used).await?;
     remove_hop_by_hop(response.headers_mut());
+    if is_event_stream(response.headers()) {
+        let route = route.clone();
+        return Ok(response.map(|body| GatewayBody::boxed(SseBody::new(body, route, drain))));
+    }
     Ok(response.map(|body| GatewayBody::Upstream { body }))
 }
 

@@ -6,6 +6,7 @@ pub mod body;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod sse;
 pub mod websocket;
 
 use std::convert::Infallible;
@@ -112,7 +113,7 @@ impl Gateway {
         if is_websocket {
             websocket::bridge(&route, req, &conn, &self.drain, &mut entry.backend).await
         } else {
-            forward::forward(&route, req, &conn, &mut entry.backend).await
+            forward::forward(&route, req, &conn, &self.drain, &mut entry.backend).await
         }
     }
 
