@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use crate::config::Limits;
 use crate::drain::Drain;
+use crate::metrics::ConnLabels;
 use crate::proxy::{ConnInfo, Gateway};
 
 /// Everything a connection task needs, shared by all connections of a listener.
@@ -54,16 +55,18 @@ impl ConnContext {
     }
 
     /// Serves a connection accepted on the TLS listener.
-    pub async fn serve_tls(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor) {
+    pub async fn serve_tls(self: Arc<Self>, id: u64, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor) {
         let handshake =
             tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor.accept(tcp)).await;
         let tls = match handshake {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
+                self.gateway.metrics.tls_handshake_failures.inc();
                 tracing::debug!(error = %e, "tls handshake failed");
                 return;
             }
             Err(_) => {
+                self.gateway.metrics.tls_handshake_failures.inc();
                 tracing::debug!("tls handshake timed out");
                 return;
             }
@@ -74,24 +77,36 @@ impl ConnContext {
         let span = tracing::Span::current();
         span.record("sni", sni.as_deref().unwrap_or("-"));
         span.record("alpn", alpn.as_deref().unwrap_or("-"));
-        let conn = ConnInfo { peer, tls: true };
-        match alpn.as_deref() {
-            Some("h2") => self.serve(tls, conn, Proto::H2).await,
-            Some(_) => self.serve(tls, conn, Proto::H1).await,
-            None => self.serve(tls, conn, Proto::Auto).await,
-        }
+        let conn = ConnInfo { id, peer, tls: true };
+        let proto = match alpn.as_deref() {
+            Some("h2") => Proto::H2,
+            Some(_) => Proto::H1,
+            None => Proto::Auto,
+        };
+        self.serve(tls, conn, proto, "https").await
     }
 
     /// Serves a connection accepted on the plain listener.
-    pub async fn serve_plain(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
-        let conn = ConnInfo { peer, tls: false };
-        self.serve(tcp, conn, Proto::Auto).await
+    pub async fn serve_plain(self: Arc<Self>, id: u64, tcp: TcpStream, peer: SocketAddr) {
+        let conn = ConnInfo { id, peer, tls: false };
+        self.serve(tcp, conn, Proto::Auto, "http").await
     }
 
-    async fn serve<I>(&self, io: I, conn: ConnInfo, proto: Proto)
+    async fn serve<I>(&self, io: I, conn: ConnInfo, proto: Proto, listener: &'static str)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        // Without ALPN, hyper tells h1 from h2 by the preface; count those as h1 (the usual case).
+        let protocol = if matches!(proto, Proto::H2) { "h2" } else { "h1" };
+        let open = self
+            .gateway
+            .metrics
+            .connections
+            .get_or_create_owned(&ConnLabels { listener, protocol });
+        open.inc();
+        let _open = scopeguard(move || {
+            open.dec();
+        });
         let gateway = self.gateway.clone();
         // HTTP/2 streams run in tasks of their own: carry the connection's span into them.
         let span = tracing::Span::current();
@@ -125,6 +140,19 @@ impl ConnContext {
     }
 }
 
+/// Runs `f` when dropped, so a gauge goes down however the connection ends.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
 enum Proto {
     H1,
     H2,
@@ -132,7 +160,14 @@ enum Proto {
 }
 
 /// The span every log line of one connection carries.
-pub fn conn_span(peer: SocketAddr, listener: &'static str) -> tracing::Span {
-    tracing::info_span!("conn", client.addr = %peer, listener, sni = tracing::field::Empty, alpn = tracing::field::Empty)
+pub fn conn_span(id: u64, peer: SocketAddr, listener: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "conn",
+        conn_id = id,
+        client.addr = %peer,
+        listener,
+        sni = tracing::field::Empty,
+        alpn = tracing::field::Empty
+    )
 }
 

@@ -6,22 +6,26 @@
 //! - [`listener`]: accept loops and the connection cap; [`conn`]: one client connection.
 //! - [`router`]: the route table; [`upstream`]: the pooled backend client.
 //! - [`proxy`]: the request path (forwarding, headers, errors, access log).
-//! - [`drain`]: shutdown; [`demo`]: the built-in demo.
+//! - [`drain`]: shutdown; [`reload`]: live reload; [`admin`] and [`metrics`]: health and
+//!   Prometheus metrics; [`demo`]: the built-in demo.
 //!
 //! # Request flow
 //! accept ([`listener`]) -> TLS handshake under a deadline ([`conn`]) -> hyper h1/h2 by ALPN
 //! -> [`proxy::Gateway::handle`] -> [`router::Router::find`] -> [`proxy::forward`] ->
 //! [`upstream`] pool -> the backend's response, streamed back frame by frame.
 //!
-//! [`serve`] is what `main` runs and what the integration tests drive: bound listeners, a
+//! [`Server`] is what `main` runs and what the integration tests drive: bound listeners, a
 //! validated config, loaded certificates and a shutdown future.
 
+pub mod admin;
 pub mod config;
 pub mod conn;
 pub mod demo;
 pub mod drain;
 pub mod listener;
+pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod router;
 pub mod tls;
 pub mod upstream;
@@ -33,12 +37,15 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use admin::Readiness;
 use config::Config;
 use conn::ConnContext;
 use drain::Drain;
+use metrics::Metrics;
 use proxy::Gateway;
+use reload::Reloader;
 use router::Router;
-use tls::{LoadedCert, TlsError};
+use tls::{CertStore, LoadedCert, TlsError};
 
 /// The gateway's sockets, bound before [`serve`] so callers (tests) can bind port 0 and learn
 /// the port.
@@ -77,50 +84,138 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
         .map_err(|source| BindError { addr, source })
 }
 
-/// Runs the gateway on `listeners` until `shutdown` resolves, then drains: stops accepting,
-/// lets in-flight requests finish within `shutdown.grace`, and cuts what is left.
+/// A gateway ready to run: routes, certificates and listeners in place.
+pub struct Server {
+    config: Config,
+    listeners: Listeners,
+    admin: Option<TcpListener>,
+    gateway: Arc<Gateway>,
+    certs: Arc<CertStore>,
+    tls: Arc<rustls::ServerConfig>,
+    drain: Drain,
+    ready: Arc<Readiness>,
+    reloader: Option<Arc<Reloader>>,
+}
+
+impl Server {
+    pub fn new(config: Config, certs: &[LoadedCert], listeners: Listeners) -> Result<Server, TlsError> {
+        let store = Arc::new(CertStore::new(certs)?);
+        let tls = tls::server_config(store.clone())?;
+        let https_port = listeners.https.local_addr().map_or(443, |a| a.port());
+        let metrics = Arc::new(Metrics::new());
+        let router = Router::new(&config.routes, &metrics);
+        log_startup(&config, certs, &listeners, &router);
+        let drain = Drain::new();
+        let gateway = Arc::new(Gateway::new(
+            router,
+            config.listen.http_mode,
+            https_port,
+            drain.clone(),
+            metrics,
+        ));
+        Ok(Server {
+            config,
+            listeners,
+            admin: None,
+            gateway,
+            certs: store,
+            tls,
+            drain,
+            ready: Arc::new(Readiness::default()),
+            reloader: None,
+        })
+    }
+
+    /// Serves `/healthz`, `/readyz` and `/metrics` on `listener`.
+    pub fn with_admin(mut self, listener: TcpListener) -> Server {
+        self.admin = Some(listener);
+        self
+    }
+
+    /// Reloads from `config.path` on SIGHUP and when the files change.
+    pub fn watch_config(mut self) -> Server {
+        self.reloader = Some(self.reloader_for());
+        self
+    }
+
+    fn reloader_for(&self) -> Arc<Reloader> {
+        Arc::new(Reloader {
+            path: self.config.path.clone(),
+            gateway: self.gateway.clone(),
+            certs: self.certs.clone(),
+            running: std::sync::Mutex::new(self.config.clone()),
+        })
+    }
+
+    /// A handle to reload by hand (what SIGHUP does), for tests and embedders.
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone().unwrap_or_else(|| self.reloader_for())
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.gateway.metrics.clone()
+    }
+
+    /// Runs until `shutdown` resolves, then drains: not ready at once, still serving for
+    /// `shutdown.delay`, then no new connections, in-flight requests finish, WebSockets get
+    /// Close 1001 and event streams end at an event boundary, all within `shutdown.grace`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let ctx = Arc::new(ConnContext::new(
+            self.gateway.clone(),
+            self.config.limits.clone(),
+            self.drain.clone(),
+        ));
+        let slots = Arc::new(Semaphore::new(self.config.limits.max_connections));
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(listener::accept_loop(
+            self.listeners.https,
+            listener::Kind::Tls(tokio_rustls::TlsAcceptor::from(self.tls)),
+            ctx.clone(),
+            slots.clone(),
+        ));
+        if let Some(http) = self.listeners.http {
+            loops.spawn(listener::accept_loop(http, listener::Kind::Plain, ctx.clone(), slots));
+        }
+        // The admin listener outlives the drain, so /readyz can say 503 while it runs.
+        let admin = self.admin.map(|l| {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "admin listening: /healthz /readyz /metrics");
+            }
+            tokio::spawn(admin::serve(l, self.gateway.metrics.clone(), self.ready.clone()))
+        });
+        if let Some(reloader) = &self.reloader {
+            tokio::spawn(reloader.clone().watch(self.drain.clone()));
+        }
+
+        shutdown.await;
+        self.ready.set_not_ready();
+        let delay = self.config.shutdown.delay;
+        if !delay.is_zero() {
+            tracing::info!(delay_ms = delay.as_millis() as u64, "draining: not ready, still serving for shutdown.delay");
+            tokio::time::sleep(delay).await;
+        }
+        tracing::info!(
+            grace_ms = self.config.shutdown.grace.as_millis() as u64,
+            open = self.drain.active(),
+            "shutting down: no new connections, finishing in-flight requests and streams"
+        );
+        self.drain.shutdown(self.config.shutdown.grace).await;
+        while loops.join_next().await.is_some() {}
+        if let Some(admin) = admin {
+            admin.abort();
+        }
+        tracing::info!("shutdown complete");
+    }
+}
+
+/// Runs the gateway on `listeners` until `shutdown` resolves, then drains (see [`Server::run`]).
 pub async fn serve(
     config: &Config,
     certs: &[LoadedCert],
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TlsError> {
-    let tls = tls::server_config(certs)?;
-    let https_addr = listeners.https.local_addr().ok();
-    let https_port = https_addr.map_or(443, |a| a.port());
-    let router = Router::new(&config.routes);
-    log_startup(config, certs, &listeners, &router);
-
-    let drain = Drain::new();
-    let gateway = Arc::new(Gateway::new(
-        router,
-        config.listen.http_mode,
-        https_port,
-        drain.clone(),
-    ));
-    let ctx = Arc::new(ConnContext::new(gateway, config.limits.clone(), drain.clone()));
-    let slots = Arc::new(Semaphore::new(config.limits.max_connections));
-
-    let mut loops = tokio::task::JoinSet::new();
-    loops.spawn(listener::accept_loop(
-        listeners.https,
-        listener::Kind::Tls(tokio_rustls::TlsAcceptor::from(tls)),
-        ctx.clone(),
-        slots.clone(),
-    ));
-    if let Some(http) = listeners.http {
-        loops.spawn(listener::accept_loop(http, listener::Kind::Plain, ctx.clone(), slots));
-    }
-
-    shutdown.await;
-    tracing::info!(
-        grace_ms = config.shutdown.grace.as_millis() as u64,
-        open = drain.active(),
-        "shutting down: no new connections, finishing in-flight requests"
-    );
-    drain.shutdown(config.shutdown.grace).await;
-    while loops.join_next().await.is_some() {}
-    tracing::info!("shutdown complete");
+    Server::new(config.clone(), certs, listeners)?.run(shutdown).await;
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! (spawned through the drain), and stop accepting when shutdown begins.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::conn::{conn_span, ConnContext};
+
+/// Connection ids for logs, unique within the process.
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// What a listener does with the connections it accepts.
 #[derive(Clone)]
@@ -49,7 +53,8 @@ pub async fn accept_loop(listener: TcpListener, kind: Kind, ctx: Arc<ConnContext
             _ = ctx.drain.draining() => return,
         };
         tune(&tcp);
-        let span = conn_span(peer, name);
+        let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+        let span = conn_span(id, peer, name);
         let acceptor = match &kind {
             Kind::Tls(a) => Some(a.clone()),
             Kind::Plain => None,
@@ -58,8 +63,8 @@ pub async fn accept_loop(listener: TcpListener, kind: Kind, ctx: Arc<ConnContext
         let task = async move {
             tracing::debug!("connection open");
             match acceptor {
-                Some(acceptor) => conn_ctx.serve_tls(tcp, peer, acceptor).await,
-                None => conn_ctx.serve_plain(tcp, peer).await,
+                Some(acceptor) => conn_ctx.serve_tls(id, tcp, peer, acceptor).await,
+                None => conn_ctx.serve_plain(id, tcp, peer).await,
             }
             tracing::debug!("connection closed");
             drop(permit);

@@ -16,6 +16,11 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 
+    /// Log format: pretty for people, json for collectors. Default: pretty on a terminal,
+    /// json otherwise. The level comes from RUST_LOG (default info).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+
     /// The config file.
     #[arg(
         long,
@@ -26,8 +31,17 @@ struct Cli {
     config: PathBuf,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Exit 0 if the gateway answers: GET /healthz on the admin listener when the config sets
+    /// one, else a TLS-port connect. For container HEALTHCHECKs, which have no shell or curl.
+    Health,
     /// Load and validate the config and certificates, print the route table, and exit
     /// (0 when valid, 2 with the reason on stderr when not).
     Check,
@@ -42,8 +56,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format);
     let result = match cli.command {
+        Some(Command::Health) => return health(&cli.config),
         Some(Command::Check) => check(&cli.config),
         Some(Command::Demo { listen }) => runtime(None).and_then(|rt| rt.block_on(demo(listen))),
         None => run(&cli.config),
@@ -57,13 +72,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: Option<LogFormat>) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
+        LogFormat::Pretty
+    } else {
+        LogFormat::Json
+    });
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
 }
 
 fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
@@ -91,7 +115,8 @@ fn check(path: &Path) -> anyhow::Result<()> {
         let expired = if c.expired { "  EXPIRED" } else { "" };
         println!("cert  {}  names {:?}  until {}{expired}", c.source, c.names, c.not_after);
     }
-    let router = streamgate::router::Router::new(&config.routes);
+    let metrics = std::sync::Arc::new(streamgate::metrics::Metrics::new());
+    let router = streamgate::router::Router::new(&config.routes, &metrics);
     println!("routes, in match order:");
     for r in router.routes() {
         let backends: Vec<String> = r.config.backends.iter().map(|b| b.to_string()).collect();
@@ -106,9 +131,74 @@ fn run(path: &Path) -> anyhow::Result<()> {
     let rt = runtime(config.worker_threads)?;
     rt.block_on(async {
         let listeners = Listeners::bind(&config.listen).await?;
-        streamgate::serve(&config, &certs, listeners, shutdown_signal()).await?;
+        let admin = match config.listen.admin {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (listen.admin)"))?,
+            ),
+            None => None,
+        };
+        let mut server = streamgate::Server::new(config, &certs, listeners)?.watch_config();
+        if let Some(admin) = admin {
+            server = server.with_admin(admin);
+        }
+        server.run(shutdown_then_force()).await;
         Ok(())
     })
+}
+
+/// The first SIGTERM/SIGINT starts the drain; a second one exits at once.
+async fn shutdown_then_force() {
+    shutdown_signal().await;
+    tokio::spawn(async {
+        shutdown_signal().await;
+        tracing::warn!("second signal: exiting without waiting for connections");
+        std::process::exit(1);
+    });
+}
+
+fn health(path: &Path) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+    let timeout = Duration::from_secs(3);
+    // The demo has no config file: then its default TLS port is what must answer.
+    let config = Config::load(path).ok();
+    let result = match config.as_ref().and_then(|c| c.listen.admin) {
+        Some(admin) => (|| -> std::io::Result<bool> {
+            let mut s = TcpStream::connect_timeout(&local(admin), timeout)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head)?;
+            Ok(head.starts_with(b"HTTP/1.1 200"))
+        })(),
+        None => {
+            let https = config.map_or(SocketAddr::from(([127, 0, 0, 1], 8443)), |c| c.listen.https);
+            TcpStream::connect_timeout(&local(https), timeout).map(|_| true)
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("streamgate: unhealthy: /healthz did not answer 200");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("streamgate: unhealthy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A wildcard listen address is checked on loopback.
+fn local(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    }
 }
 
 async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
@@ -117,7 +207,9 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     println!("streamgate demo: https://localhost:{}/", addr.port());
     println!("certificate SHA-256 fingerprint: {}", demo.fingerprint);
     println!("(self-signed, made at start-up: your browser will ask you to accept it; curl needs -k)");
-    streamgate::serve(&demo.config, &demo.certs, demo.listeners, shutdown_signal()).await?;
+    streamgate::Server::new(demo.config, &demo.certs, demo.listeners)?
+        .run(shutdown_then_force())
+        .await;
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use http::uri::Authority;
 use tokio::sync::Semaphore;
 
 use crate::config::{HostMatch, RouteConfig};
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstream::UpstreamClient;
 
 /// A route as the proxy uses it: its config plus the state shared by its requests.
@@ -21,12 +22,18 @@ pub struct Route {
     pub websocket_slots: Option<Arc<Semaphore>>,
     /// Pooled connections to this route's backends.
     pub upstream: UpstreamClient,
+    pub metrics: RouteMetrics,
+    /// Where connect failures are counted, by backend.
+    pub all_metrics: Arc<Metrics>,
 }
 
 impl Route {
-    pub fn new(config: RouteConfig) -> Route {
+    pub fn new(config: RouteConfig, metrics: &Arc<Metrics>) -> Route {
+        let name = config.name();
         Route {
-            name: config.name(),
+            metrics: metrics.route(&name),
+            all_metrics: metrics.clone(),
+            name,
             websocket_slots: config
                 .websocket
                 .max_connections
@@ -72,9 +79,11 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(configs: &[RouteConfig]) -> Router {
-        let mut routes: Vec<Arc<Route>> =
-            configs.iter().cloned().map(Route::new).map(Arc::new).collect();
+    pub fn new(configs: &[RouteConfig], metrics: &Arc<Metrics>) -> Router {
+        let mut routes: Vec<Arc<Route>> = configs
+            .iter()
+            .map(|c| Arc::new(Route::new(c.clone(), metrics)))
+            .collect();
         // Exact hosts, then wildcards (longer suffix first), then any host; within a host class,
         // longer prefixes first. A stable sort keeps file order for equal keys.
         routes.sort_by_key(|r| {
@@ -151,7 +160,7 @@ mod tests {
             "[listen]\nhttps = \"127.0.0.1:0\"\n[[cert]]\ncert = \"c\"\nkey = \"k\"\n{toml_routes}"
         );
         let config = Config::parse(Path::new("test.toml"), &text).expect("test config is valid");
-        Router::new(&config.routes)
+        Router::new(&config.routes, &Arc::new(Metrics::new()))
     }
 
     fn found(r: &Router, host: Option<&str>, path: &str) -> Option<String> {

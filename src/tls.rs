@@ -205,21 +205,44 @@ impl SniResolver {
     }
 }
 
-impl ResolvesServerCert for SniResolver {
+/// The certificates in use, swapped whole on reload: handshakes already done keep theirs, new
+/// handshakes see the new set at once.
+#[derive(Debug)]
+pub struct CertStore {
+    current: arc_swap::ArcSwap<SniResolver>,
+}
+
+impl CertStore {
+    pub fn new(certs: &[LoadedCert]) -> Result<CertStore, TlsError> {
+        Ok(CertStore {
+            current: arc_swap::ArcSwap::from_pointee(resolver(certs)?),
+        })
+    }
+
+    pub fn replace(&self, certs: &[LoadedCert]) -> Result<(), TlsError> {
+        self.current.store(Arc::new(resolver(certs)?));
+        Ok(())
+    }
+}
+
+fn resolver(certs: &[LoadedCert]) -> Result<SniResolver, TlsError> {
+    SniResolver::new(certs).ok_or(TlsError::Config(rustls::Error::General(
+        "no certificate configured".into(),
+    )))
+}
+
+impl ResolvesServerCert for CertStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.pick(hello.server_name()))
+        Some(self.current.load().pick(hello.server_name()))
     }
 }
 
 /// The server config for the TLS listener.
-pub fn server_config(certs: &[LoadedCert]) -> Result<Arc<ServerConfig>, TlsError> {
-    let resolver = SniResolver::new(certs).ok_or(TlsError::Config(rustls::Error::General(
-        "no certificate configured".into(),
-    )))?;
+pub fn server_config(certs: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

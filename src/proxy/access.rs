@@ -2,6 +2,7 @@
 //! so it can report the bytes that really went out and how long the whole exchange took.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -10,11 +11,12 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use super::body::{BoxError, GatewayBody};
+use crate::metrics::RouteMetrics;
 
 /// What is known about a request when its response head is ready.
 #[derive(Debug)]
 pub struct AccessEntry {
-    pub route: Option<std::sync::Arc<crate::router::Route>>,
+    pub route: Option<Arc<crate::router::Route>>,
     pub backend: Option<String>,
     pub method: http::Method,
     pub path: String,
@@ -22,10 +24,15 @@ pub struct AccessEntry {
     pub start: Instant,
     pub bytes_out: u64,
     pub complete: bool,
+    /// A WebSocket or event stream: its lifetime is not a request duration.
+    pub stream: bool,
+    pub conn_id: u64,
+    /// Counted here when no route matched.
+    pub unrouted: Arc<RouteMetrics>,
 }
 
 impl AccessEntry {
-    pub fn new(method: &http::Method, path: &str, start: Instant) -> AccessEntry {
+    pub fn new(method: &http::Method, path: &str, start: Instant, unrouted: Arc<RouteMetrics>) -> AccessEntry {
         AccessEntry {
             route: None,
             backend: None,
@@ -35,14 +42,24 @@ impl AccessEntry {
             start,
             bytes_out: 0,
             complete: false,
+            stream: false,
+            conn_id: 0,
+            unrouted,
         }
     }
 }
 
 impl Drop for AccessEntry {
     fn drop(&mut self) {
+        let metrics = self.route.as_ref().map_or(&*self.unrouted, |r| &r.metrics);
+        metrics.request(self.status);
+        metrics.bytes_out.inc_by(self.bytes_out);
+        if !self.stream {
+            metrics.duration.observe(self.start.elapsed().as_secs_f64());
+        }
         tracing::info!(
             target: "streamgate::access",
+            conn_id = self.conn_id,
             route = self.route.as_ref().map_or("-", |r| r.name.as_str()),
             backend = self.backend.as_deref().unwrap_or("-"),
             method = %self.method,

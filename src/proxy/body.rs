@@ -10,6 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
+use prometheus_client::metrics::counter::Counter;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -92,28 +93,34 @@ pub enum UpstreamBody {
     Client {
         slot: Arc<Mutex<Option<Incoming>>>,
         body: Option<Incoming>,
+        /// The route's bytes-in counter.
+        counted: Counter,
     },
 }
 
+/// The slot a retryable request body waits in until a backend connection takes it.
+pub type BodySlot = Arc<Mutex<Option<Incoming>>>;
+
 impl UpstreamBody {
     /// Wraps `body`; returns the slot to re-wrap it from after a refused connection.
-    pub fn new(body: Incoming) -> (UpstreamBody, Option<Arc<Mutex<Option<Incoming>>>>) {
+    pub fn new(body: Incoming, counted: &Counter) -> (UpstreamBody, Option<BodySlot>) {
         if body.is_end_stream() {
             return (UpstreamBody::Empty, None);
         }
         let slot = Arc::new(Mutex::new(Some(body)));
-        (UpstreamBody::from_slot(&slot), Some(slot))
+        (UpstreamBody::from_slot(&slot, counted), Some(slot))
     }
 
-    pub fn from_slot(slot: &Arc<Mutex<Option<Incoming>>>) -> UpstreamBody {
+    pub fn from_slot(slot: &BodySlot, counted: &Counter) -> UpstreamBody {
         UpstreamBody::Client {
             slot: slot.clone(),
             body: None,
+            counted: counted.clone(),
         }
     }
 
     /// Whether the body is still unsent, so the request may be tried on another backend.
-    pub fn unsent(slot: &Option<Arc<Mutex<Option<Incoming>>>>) -> bool {
+    pub fn unsent(slot: &Option<BodySlot>) -> bool {
         match slot {
             None => true,
             Some(s) => s.lock().map(|b| b.is_some()).unwrap_or(false),
@@ -132,14 +139,24 @@ impl Body for UpstreamBody {
         // `UpstreamBody` is Unpin: Incoming is Unpin and the rest are plain fields.
         match self.get_mut() {
             UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Client { slot, body } => {
+            UpstreamBody::Client {
+                slot,
+                body,
+                counted,
+            } => {
                 if body.is_none() {
                     *body = slot.lock().ok().and_then(|mut s| s.take());
                 }
-                match body {
-                    Some(b) => Pin::new(b).poll_frame(cx),
-                    None => Poll::Ready(None),
+                let Some(b) = body else {
+                    return Poll::Ready(None);
+                };
+                let polled = Pin::new(b).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if let Some(data) = frame.data_ref() {
+                        counted.inc_by(data.len() as u64);
+                    }
                 }
+                polled
             }
         }
     }
@@ -151,7 +168,7 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Client { slot, body } => match body {
+            UpstreamBody::Client { slot, body, .. } => match body {
                 Some(b) => b.size_hint(),
                 None => slot
                     .lock()

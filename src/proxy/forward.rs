@@ -8,7 +8,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-use super::body::{GatewayBody, UpstreamBody};
+use super::body::{BodySlot, GatewayBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers::{add_forwarded, remove_hop_by_hop};
 use super::sse::{is_event_stream, SseBody};
@@ -28,12 +28,12 @@ pub async fn forward(
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     prepare_headers(&mut parts.headers, &parts.uri, conn);
-    let (body, slot) = UpstreamBody::new(body);
+    let (body, slot) = UpstreamBody::new(body, &route.metrics.bytes_in);
     let mut response = send(route, parts.method, &parts.uri, parts.headers, body, slot, backend_used).await?;
     remove_hop_by_hop(response.headers_mut());
     if is_event_stream(response.headers()) {
         let route = route.clone();
-        return Ok(response.map(|body| GatewayBody::boxed(SseBody::new(body, route, drain))));
+        return Ok(response.map(|body| GatewayBody::boxed(SseBody::new(body, route, conn.id, drain))));
     }
     Ok(response.map(|body| GatewayBody::Upstream { body }))
 }
@@ -46,7 +46,7 @@ pub(super) async fn send(
     uri: &Uri,
     mut headers: HeaderMap,
     body: UpstreamBody,
-    slot: Option<Arc<std::sync::Mutex<Option<Incoming>>>>,
+    slot: Option<BodySlot>,
     backend_used: &mut Option<String>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let path = route.backend_path(uri.path_and_query().map_or("/", |pq| pq.as_str()));
@@ -62,7 +62,10 @@ pub(super) async fn send(
             .map_err(|_| ProxyError::BadRequest("request target is not a valid URI"))?;
         let body = body
             .take()
-            .unwrap_or_else(|| slot.as_ref().map_or(UpstreamBody::Empty, UpstreamBody::from_slot));
+            .unwrap_or_else(|| match &slot {
+                Some(slot) => UpstreamBody::from_slot(slot, &route.metrics.bytes_in),
+                None => UpstreamBody::Empty,
+            });
         let mut req = Request::new(body);
         *req.method_mut() = method.clone();
         *req.uri_mut() = target;
@@ -86,6 +89,9 @@ pub(super) async fn send(
             }
         };
         let failure = classify(&error);
+        if error.is_connect() {
+            route.all_metrics.connect_failure(backend.as_ref());
+        }
         if failure == Failure::Refused && !last && UpstreamBody::unsent(&slot) {
             tracing::warn!(route = %route.name, %backend, "backend refused the connection, trying the next one");
             continue;

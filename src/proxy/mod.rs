@@ -14,11 +14,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use crate::config::HttpMode;
 use crate::drain::Drain;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::{request_host, Router};
 use access::{AccessEntry, Logged};
 use body::GatewayBody;
@@ -27,6 +29,8 @@ use error::ProxyError;
 /// What the request path knows about the client connection a request came in on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
+    /// The connection's id in logs (`conn_id`).
+    pub id: u64,
     pub peer: SocketAddr,
     /// Whether the request arrived on the TLS listener.
     pub tls: bool,
@@ -34,26 +38,44 @@ pub struct ConnInfo {
 
 /// The shared state every request sees: the route table and how the plain listener behaves.
 pub struct Gateway {
-    router: Router,
+    /// Swapped whole on reload; a request (and the stream it opens) keeps the routes it began
+    /// with.
+    router: ArcSwap<Router>,
     http_mode: HttpMode,
     /// Port of the TLS listener, for redirects from the plain one.
     https_port: u16,
     /// WebSocket tunnels outlive their request: they are spawned here so shutdown sees them.
     drain: Drain,
+    pub metrics: Arc<Metrics>,
+    /// Requests that matched no route are counted under route "-".
+    unrouted: Arc<RouteMetrics>,
 }
 
 impl Gateway {
-    pub fn new(router: Router, http_mode: HttpMode, https_port: u16, drain: Drain) -> Gateway {
+    pub fn new(
+        router: Router,
+        http_mode: HttpMode,
+        https_port: u16,
+        drain: Drain,
+        metrics: Arc<Metrics>,
+    ) -> Gateway {
         Gateway {
-            router,
+            router: ArcSwap::from_pointee(router),
             http_mode,
             https_port,
             drain,
+            unrouted: Arc::new(metrics.route("-")),
+            metrics,
         }
     }
 
-    pub fn router(&self) -> &Router {
-        &self.router
+    pub fn router(&self) -> Arc<Router> {
+        self.router.load_full()
+    }
+
+    /// New requests use `router` from now on.
+    pub fn replace_router(&self, router: Router) {
+        self.router.store(Arc::new(router));
     }
 
     /// Answers one request. Never fails: every error becomes a response with a one-line reason,
@@ -67,19 +89,25 @@ impl Gateway {
             req.method(),
             req.uri().path_and_query().map_or("/", |pq| pq.as_str()),
             Instant::now(),
+            self.unrouted.clone(),
         );
+        entry.conn_id = conn.id;
         let response = match self.route(req, conn, &mut entry).await {
             Ok(response) => response,
             Err(error) => {
+                let route = entry.route.as_ref().map_or("-", |r| r.name.as_str());
                 if error.is_upstream() {
-                    tracing::warn!(error = %error, "request failed");
+                    tracing::warn!(route, error = %error, "request failed");
                 } else {
-                    tracing::debug!(error = %error, "request refused");
+                    tracing::debug!(route, error = %error, "request refused");
                 }
                 error_response(&error)
             }
         };
         entry.status = response.status().as_u16();
+        entry.stream = entry.status == 101
+            || (entry.status == 200 && entry.method == Method::CONNECT)
+            || sse::is_event_stream(response.headers());
         Ok(response.map(|body| Logged::new(body, entry)))
     }
 
@@ -103,6 +131,7 @@ impl Gateway {
         }
         let route = self
             .router
+            .load()
             .find(host.as_deref(), req.uri().path())
             .ok_or_else(|| ProxyError::NoRoute {
                 host: host.clone().unwrap_or_default(),

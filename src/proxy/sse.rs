@@ -87,6 +87,7 @@ enum Ending {
 pub struct SseBody {
     inner: Incoming,
     route: Arc<Route>,
+    conn_id: u64,
     boundary: Boundary,
     heartbeat: Option<Duration>,
     idle_timeout: Duration,
@@ -104,7 +105,7 @@ pub struct SseBody {
 }
 
 impl SseBody {
-    pub fn new(inner: Incoming, route: Arc<Route>, drain: &Drain) -> SseBody {
+    pub fn new(inner: Incoming, route: Arc<Route>, conn_id: u64, drain: &Drain) -> SseBody {
         let SseConfig {
             heartbeat,
             idle_timeout,
@@ -112,9 +113,11 @@ impl SseBody {
         } = route.config.sse.clone();
         let now = Instant::now();
         let first = heartbeat.map_or(idle_timeout, |h| h.min(idle_timeout));
+        route.metrics.sse_streams.inc();
         SseBody {
             inner,
             route,
+            conn_id,
             boundary: Boundary::default(),
             heartbeat,
             idle_timeout,
@@ -221,6 +224,8 @@ impl Body for SseBody {
 
 impl Drop for SseBody {
     fn drop(&mut self) {
+        self.route.metrics.sse_streams.dec();
+        self.route.metrics.sse_lifetime.observe(self.start.elapsed().as_secs_f64());
         let ended_by = match self.ended {
             None => "client",
             Some(Ending::Backend) => "backend",
@@ -230,6 +235,7 @@ impl Drop for SseBody {
         };
         tracing::info!(
             target: "streamgate::access",
+            conn_id = self.conn_id,
             route = %self.route.name,
             duration_ms = self.start.elapsed().as_millis() as u64,
             events = self.events,

@@ -12,6 +12,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tracing::Instrument;
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
 use super::body::{GatewayBody, UpstreamBody};
@@ -113,7 +114,9 @@ pub async fn bridge(
     };
     let route = route.clone();
     let tunnel_drain = drain.clone();
-    drain.spawn(async move {
+    let conn_id = conn.id;
+    drain.spawn(
+        async move {
         let start = Instant::now();
         let (client, backend_io) = match tokio::try_join!(client_upgrade, backend_upgrade) {
             Ok(pair) => pair,
@@ -122,9 +125,16 @@ pub async fn bridge(
                 return;
             }
         };
+        let metrics = &route.metrics;
+        metrics.websockets.inc();
         let stats = relay(TokioIo::new(client), TokioIo::new(backend_io), config, &tunnel_drain).await;
+        metrics.websockets.dec();
+        metrics.websocket_lifetime.observe(start.elapsed().as_secs_f64());
+        metrics.bytes_in.inc_by(stats.to_backend.bytes);
+        metrics.bytes_out.inc_by(stats.to_client.bytes);
         tracing::info!(
             target: "streamgate::access",
+            conn_id = conn_id,
             route = %route.name,
             %backend,
             duration_ms = start.elapsed().as_millis() as u64,
@@ -138,7 +148,8 @@ pub async fn bridge(
             "websocket"
         );
         drop(slot);
-    });
+    }
+    .instrument(tracing::Span::current()));
     Ok(reply)
 }
 
@@ -225,7 +236,9 @@ mod tests {
             ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
             ("sec-websocket-version", "13"),
         ];
-        let cases: [(usize, Option<(&str, &str)>, &str); 4] = [
+        // (header to drop, header to add instead, what the reason must mention)
+        type Case = (usize, Option<(&'static str, &'static str)>, &'static str);
+        let cases: [Case; 4] = [
             (0, Some(("connection", "keep-alive")), "Connection"),
             (1, None, "missing Sec-WebSocket-Key"),
             (1, Some(("sec-websocket-key", "short")), "Sec-WebSocket-Key"),

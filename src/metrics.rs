@@ -1,0 +1,178 @@
+//! Prometheus metrics: one registry per gateway, with per-route handles made once per route so
+//! the request path only touches atomics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub listener: &'static str,
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub route: String,
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    pub route: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    // 1 ms to ~9 h in factors of 4.
+    Histogram::new(exponential_buckets(0.001, 4.0, 16))
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Family<ConnLabels, Gauge>,
+    pub websockets: Family<RouteLabel, Gauge>,
+    pub sse_streams: Family<RouteLabel, Gauge>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub upstream_connect_failures: Family<BackendLabel, Counter>,
+    pub tls_handshake_failures: Counter,
+    pub reloads: Family<ResultLabel, Counter>,
+    pub request_duration: Histograms<RouteLabel>,
+    pub stream_lifetime: Histograms<StreamLabels>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("streamgate");
+        let m = Metrics {
+            connections: Family::default(),
+            websockets: Family::default(),
+            sse_streams: Family::default(),
+            requests: Family::default(),
+            bytes: Family::default(),
+            upstream_connect_failures: Family::default(),
+            tls_handshake_failures: Counter::default(),
+            reloads: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            stream_lifetime: Family::new_with_constructor(duration_histogram),
+            registry: Registry::default(),
+        };
+        registry.register("open_connections", "Open client connections by listener and protocol", m.connections.clone());
+        registry.register("open_websockets", "Open WebSocket tunnels by route", m.websockets.clone());
+        registry.register("open_sse_streams", "Open Server-Sent Events streams by route", m.sse_streams.clone());
+        registry.register("requests", "Requests by route and status class", m.requests.clone());
+        registry.register("bytes", "Body and tunnel bytes by route, in (to backends) and out (to clients)", m.bytes.clone());
+        registry.register("upstream_connect_failures", "Failed connections to backends", m.upstream_connect_failures.clone());
+        registry.register("tls_handshake_failures", "TLS handshakes that failed or timed out", m.tls_handshake_failures.clone());
+        registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
+        registry.register("request_duration_seconds", "Time from request to the end of the response, by route (streams excluded)", m.request_duration.clone());
+        registry.register("stream_lifetime_seconds", "Lifetime of WebSocket tunnels and SSE streams, by route and kind", m.stream_lifetime.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition (OpenMetrics flavour).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The handles one route uses, created once.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let r = || RouteLabel { route: route.to_string() };
+        let class = |class| self.requests.get_or_create_owned(&RequestLabels { route: route.to_string(), class });
+        RouteMetrics {
+            requests: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            bytes_in: self.bytes.get_or_create_owned(&BytesLabels { route: route.to_string(), direction: "in" }),
+            bytes_out: self.bytes.get_or_create_owned(&BytesLabels { route: route.to_string(), direction: "out" }),
+            websockets: self.websockets.get_or_create_owned(&r()),
+            sse_streams: self.sse_streams.get_or_create_owned(&r()),
+            duration: self.request_duration.get_or_create_owned(&r()),
+            websocket_lifetime: self.stream_lifetime.get_or_create_owned(&StreamLabels { route: route.to_string(), kind: "websocket" }),
+            sse_lifetime: self.stream_lifetime.get_or_create_owned(&StreamLabels { route: route.to_string(), kind: "sse" }),
+        }
+    }
+
+    pub fn connect_failure(&self, backend: &str) {
+        self.upstream_connect_failures
+            .get_or_create(&BackendLabel { backend: backend.to_string() })
+            .inc();
+    }
+}
+
+/// A route's metric handles (clones share the underlying atomics).
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    requests: [Counter; 5],
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub websockets: Gauge,
+    pub sse_streams: Gauge,
+    pub duration: Histogram,
+    pub websocket_lifetime: Histogram,
+    pub sse_lifetime: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn request(&self, status: u16) {
+        let i = (status / 100).clamp(1, 5) as usize - 1;
+        self.requests[i].inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_handles_show_up_in_the_exposition() {
+        let m = Metrics::new();
+        let r = m.route("*/ws");
+        r.request(204);
+        r.request(502);
+        r.bytes_out.inc_by(10);
+        r.websockets.inc();
+        m.connect_failure("127.0.0.1:9");
+        let text = m.render();
+        assert!(text.contains("streamgate_requests_total{route=\"*/ws\",class=\"2xx\"} 1"), "{text}");
+        assert!(text.contains("streamgate_requests_total{route=\"*/ws\",class=\"5xx\"} 1"), "{text}");
+        assert!(text.contains("streamgate_bytes_total{route=\"*/ws\",direction=\"out\"} 10"), "{text}");
+        assert!(text.contains("streamgate_open_websockets{route=\"*/ws\"} 1"), "{text}");
+        assert!(text.contains("streamgate_upstream_connect_failures_total{backend=\"127.0.0.1:9\"} 1"), "{text}");
+    }
+}
