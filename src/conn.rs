@@ -9,6 +9,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
@@ -55,7 +56,14 @@ impl ConnContext {
     }
 
     /// Serves a connection accepted on the TLS listener.
-    pub async fn serve_tls(self: Arc<Self>, id: u64, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor) {
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        id: u64,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        acceptor: TlsAcceptor,
+        slot: OwnedSemaphorePermit,
+    ) {
         let handshake =
             tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor.accept(tcp)).await;
         let tls = match handshake {
@@ -77,7 +85,12 @@ impl ConnContext {
         let span = tracing::Span::current();
         span.record("sni", sni.as_deref().unwrap_or("-"));
         span.record("alpn", alpn.as_deref().unwrap_or("-"));
-        let conn = ConnInfo { id, peer, tls: true };
+        let conn = ConnInfo {
+            id,
+            peer,
+            tls: true,
+            slot: Arc::new(slot),
+        };
         let proto = match alpn.as_deref() {
             Some("h2") => Proto::H2,
             Some(_) => Proto::H1,
@@ -87,8 +100,19 @@ impl ConnContext {
     }
 
     /// Serves a connection accepted on the plain listener.
-    pub async fn serve_plain(self: Arc<Self>, id: u64, tcp: TcpStream, peer: SocketAddr) {
-        let conn = ConnInfo { id, peer, tls: false };
+    pub async fn serve_plain(
+        self: Arc<Self>,
+        id: u64,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        slot: OwnedSemaphorePermit,
+    ) {
+        let conn = ConnInfo {
+            id,
+            peer,
+            tls: false,
+            slot: Arc::new(slot),
+        };
         self.serve(tcp, conn, Proto::Auto, "http").await
     }
 
@@ -113,7 +137,7 @@ impl ConnContext {
         let service = service_fn(move |req| {
             gateway
                 .clone()
-                .handle(req, conn)
+                .handle(req, conn.clone())
                 .instrument(span.clone())
         });
         let builder = match proto {

@@ -63,11 +63,10 @@ pub async fn accept_loop(listener: TcpListener, kind: Kind, ctx: Arc<ConnContext
         let task = async move {
             tracing::debug!("connection open");
             match acceptor {
-                Some(acceptor) => conn_ctx.serve_tls(id, tcp, peer, acceptor).await,
-                None => conn_ctx.serve_plain(id, tcp, peer).await,
+                Some(acceptor) => conn_ctx.serve_tls(id, tcp, peer, acceptor, permit).await,
+                None => conn_ctx.serve_plain(id, tcp, peer, permit).await,
             }
             tracing::debug!("connection closed");
-            drop(permit);
         };
         ctx.drain.spawn(task.instrument(span));
     }

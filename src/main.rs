@@ -41,7 +41,11 @@ enum LogFormat {
 enum Command {
     /// Exit 0 if the gateway answers: GET /healthz on the admin listener when the config sets
     /// one, else a TLS-port connect. For container HEALTHCHECKs, which have no shell or curl.
-    Health,
+    Health {
+        /// Check that a TLS listener accepts on this address instead (e.g. a demo's --listen).
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+    },
     /// Load and validate the config and certificates, print the route table, and exit
     /// (0 when valid, 2 with the reason on stderr when not).
     Check,
@@ -58,7 +62,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Some(Command::Health) => return health(&cli.config),
+        Some(Command::Health { addr }) => return health(&cli.config, addr),
         Some(Command::Check) => check(&cli.config),
         Some(Command::Demo { listen }) => runtime(None).and_then(|rt| rt.block_on(demo(listen))),
         None => run(&cli.config),
@@ -158,14 +162,15 @@ async fn shutdown_then_force() {
     });
 }
 
-fn health(path: &Path) -> ExitCode {
+fn health(path: &Path, addr: Option<SocketAddr>) -> ExitCode {
     use std::io::{Read, Write};
     use std::net::TcpStream;
     use std::time::Duration;
     let timeout = Duration::from_secs(3);
     // The demo has no config file: then its default TLS port is what must answer.
     let config = Config::load(path).ok();
-    let result = match config.as_ref().and_then(|c| c.listen.admin) {
+    let admin = if addr.is_some() { None } else { config.as_ref().and_then(|c| c.listen.admin) };
+    let result = match admin {
         Some(admin) => (|| -> std::io::Result<bool> {
             let mut s = TcpStream::connect_timeout(&local(admin), timeout)?;
             s.set_read_timeout(Some(timeout))?;
@@ -175,7 +180,9 @@ fn health(path: &Path) -> ExitCode {
             Ok(head.starts_with(b"HTTP/1.1 200"))
         })(),
         None => {
-            let https = config.map_or(SocketAddr::from(([127, 0, 0, 1], 8443)), |c| c.listen.https);
+            let https = addr
+                .or(config.map(|c| c.listen.https))
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8443)));
             TcpStream::connect_timeout(&local(https), timeout).map(|_| true)
         }
     };

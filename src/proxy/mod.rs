@@ -27,13 +27,16 @@ use body::GatewayBody;
 use error::ProxyError;
 
 /// What the request path knows about the client connection a request came in on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The connection's id in logs (`conn_id`).
     pub id: u64,
     pub peer: SocketAddr,
     /// Whether the request arrived on the TLS listener.
     pub tls: bool,
+    /// The connection's place under `limits.max_connections`. WebSocket tunnels hold a clone,
+    /// so an upgraded connection still counts after hyper has let go of it.
+    pub slot: Arc<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// The shared state every request sees: the route table and how the plain listener behaves.
@@ -92,7 +95,7 @@ impl Gateway {
             self.unrouted.clone(),
         );
         entry.conn_id = conn.id;
-        let response = match self.route(req, conn, &mut entry).await {
+        let response = match self.route(req, &conn, &mut entry).await {
             Ok(response) => response,
             Err(error) => {
                 let route = entry.route.as_ref().map_or("-", |r| r.name.as_str());
@@ -114,7 +117,7 @@ impl Gateway {
     async fn route(
         &self,
         req: Request<Incoming>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         entry: &mut AccessEntry,
     ) -> Result<Response<GatewayBody>, ProxyError> {
         let host = request_host(&req);
@@ -140,9 +143,9 @@ impl Gateway {
             .clone();
         entry.route = Some(route.clone());
         if is_websocket {
-            websocket::bridge(&route, req, &conn, &self.drain, &mut entry.backend).await
+            websocket::bridge(&route, req, conn, &self.drain, &mut entry.backend).await
         } else {
-            forward::forward(&route, req, &conn, &self.drain, &mut entry.backend).await
+            forward::forward(&route, req, conn, &self.drain, &mut entry.backend).await
         }
     }
 

@@ -115,6 +115,7 @@ pub async fn bridge(
     let route = route.clone();
     let tunnel_drain = drain.clone();
     let conn_id = conn.id;
+    let conn_slot = conn.slot.clone();
     drain.spawn(
         async move {
         let start = Instant::now();
@@ -148,6 +149,7 @@ pub async fn bridge(
             "websocket"
         );
         drop(slot);
+        drop(conn_slot);
     }
     .instrument(tracing::Span::current()));
     Ok(reply)
