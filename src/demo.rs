@@ -28,13 +28,13 @@ pub struct Demo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("demo backend: {0}")]
+    #[error("demo backend")]
     Backend(#[from] std::io::Error),
     #[error(transparent)]
     Bind(#[from] crate::BindError),
-    #[error("demo certificate: {0}")]
+    #[error("demo certificate")]
     Tls(#[from] tls::TlsError),
-    #[error("demo config: {0}")]
+    #[error("demo config")]
     Config(#[from] crate::config::ConfigError),
 }
 

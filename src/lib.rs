@@ -71,7 +71,7 @@ impl Listeners {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+#[error("cannot listen on {addr} (is another process using the port?)")]
 pub struct BindError {
     pub addr: SocketAddr,
     #[source]
@@ -189,17 +189,23 @@ impl Server {
 
         shutdown.await;
         self.ready.set_not_ready();
-        let delay = self.config.shutdown.delay;
+        // The shutdown settings in force: a reload may have changed them.
+        let settings = self
+            .reloader
+            .as_ref()
+            .and_then(|r| r.running.lock().ok().map(|c| c.shutdown.clone()))
+            .unwrap_or_else(|| self.config.shutdown.clone());
+        let delay = settings.delay;
         if !delay.is_zero() {
             tracing::info!(delay_ms = delay.as_millis() as u64, "draining: not ready, still serving for shutdown.delay");
             tokio::time::sleep(delay).await;
         }
         tracing::info!(
-            grace_ms = self.config.shutdown.grace.as_millis() as u64,
+            grace_ms = settings.grace.as_millis() as u64,
             open = self.drain.active(),
             "shutting down: no new connections, finishing in-flight requests and streams"
         );
-        self.drain.shutdown(self.config.shutdown.grace).await;
+        self.drain.shutdown(settings.grace).await;
         while loops.join_next().await.is_some() {}
         if let Some(admin) = admin {
             admin.abort();

@@ -47,7 +47,10 @@ impl Reloader {
         self.gateway.metrics.reloads.get_or_create(&label).inc();
         match &result {
             Ok(()) => tracing::info!(path = %self.path.display(), "config reloaded"),
-            Err(e) => tracing::error!(error = %e, "config reload refused, the previous config stays in force"),
+            Err(e) => tracing::error!(
+                error = %crate::proxy::error::error_chain(e),
+                "config reload refused, the previous config stays in force"
+            ),
         }
         result
     }
@@ -142,6 +145,9 @@ fn warn_restart_only(old: &Config, new: &Config) {
     }
     if format!("{:?}", old.limits) != format!("{:?}", new.limits) {
         changed("limits");
+    }
+    if old.shutdown.grace != new.shutdown.grace || old.shutdown.delay != new.shutdown.delay {
+        tracing::info!("shutdown.grace and shutdown.delay changes apply to the next shutdown");
     }
     if old.worker_threads != new.worker_threads {
         changed("runtime.worker_threads");

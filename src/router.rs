@@ -14,7 +14,7 @@ use crate::upstream::UpstreamClient;
 /// A route as the proxy uses it: its config plus the state shared by its requests.
 pub struct Route {
     pub config: RouteConfig,
-    /// `route[i] host/path`, computed once for logs and error bodies.
+    /// `host/path` (`*` for any host), computed once for logs, metrics and error bodies.
     pub name: String,
     /// Round-robin position over `config.backends`.
     next_backend: AtomicUsize,

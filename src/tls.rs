@@ -17,30 +17,36 @@ use crate::config::CertFiles;
 /// Why certificates could not be loaded; each names the file and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: cannot read certificate file: {source}")]
+    #[error("{origin}: cannot read certificate file {path}")]
     ReadCert {
+        origin: String,
         path: PathBuf,
         #[source]
         source: rustls_pki_types::pem::Error,
     },
-    #[error("{path}: no certificate found: expected a PEM file with \"-----BEGIN CERTIFICATE-----\", leaf first")]
-    NoCert { path: PathBuf },
-    #[error("{path}: cannot read private key: {source}")]
+    #[error("{origin}: no certificate found in {path}: expected a PEM file with \"-----BEGIN CERTIFICATE-----\", leaf first")]
+    NoCert { origin: String, path: PathBuf },
+    #[error("{origin}: cannot read private key {path}")]
     ReadKey {
+        origin: String,
         path: PathBuf,
         #[source]
         source: rustls_pki_types::pem::Error,
     },
-    #[error("{path}: no private key found: expected a PEM key (PKCS#8 \"PRIVATE KEY\", PKCS#1 \"RSA PRIVATE KEY\" or SEC1 \"EC PRIVATE KEY\")")]
-    NoKey { path: PathBuf },
-    #[error("{path}: unsupported private key: {source}")]
+    #[error("{origin}: no private key found in {path}: expected a PEM key (PKCS#8 \"PRIVATE KEY\", PKCS#1 \"RSA PRIVATE KEY\" or SEC1 \"EC PRIVATE KEY\")")]
+    NoKey { origin: String, path: PathBuf },
+    #[error("{path}: unsupported private key")]
     BadKey {
         path: PathBuf,
         #[source]
         source: rustls::Error,
     },
-    #[error("{key}: private key does not match the certificate in {cert}")]
-    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("{origin}: private key {key} does not match the certificate in {cert}")]
+    KeyMismatch {
+        origin: String,
+        cert: PathBuf,
+        key: PathBuf,
+    },
     #[error("{path}: cannot parse certificate: {message}")]
     ParseCert { path: PathBuf, message: String },
     #[error("cannot build TLS configuration: {0}")]
@@ -64,31 +70,44 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Loads every `[[cert]]` pair, checking that each key matches its certificate.
 pub fn load_certs(files: &[CertFiles]) -> Result<Vec<LoadedCert>, TlsError> {
-    files.iter().map(|f| load_pair(&f.cert, &f.key)).collect()
+    files.iter().map(load_pair).collect()
 }
 
-fn load_pair(cert_path: &Path, key_path: &Path) -> Result<LoadedCert, TlsError> {
+fn load_pair(files: &CertFiles) -> Result<LoadedCert, TlsError> {
+    let (cert_path, key_path) = (&files.cert, &files.key);
     let chain = CertificateDer::pem_file_iter(cert_path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|source| TlsError::ReadCert {
+            origin: files.cert_origin.clone(),
             path: cert_path.to_path_buf(),
             source,
         })?;
     if chain.is_empty() {
         return Err(TlsError::NoCert {
+            origin: files.cert_origin.clone(),
             path: cert_path.to_path_buf(),
         });
     }
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(|source| match source {
         rustls_pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
+            origin: files.key_origin.clone(),
             path: key_path.to_path_buf(),
         },
         source => TlsError::ReadKey {
+            origin: files.key_origin.clone(),
             path: key_path.to_path_buf(),
             source,
         },
     })?;
     certified(chain, key, &cert_path.display().to_string(), key_path)
+        .map_err(|e| match e {
+            TlsError::KeyMismatch { cert, key, .. } => TlsError::KeyMismatch {
+                origin: files.key_origin.clone(),
+                cert,
+                key,
+            },
+            other => other,
+        })
 }
 
 /// Builds a [`LoadedCert`] from DER, as the demo does with its in-memory certificate.
@@ -112,6 +131,7 @@ pub fn certified(
         Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
         Err(_) => {
             return Err(TlsError::KeyMismatch {
+                origin: key_path.display().to_string(),
                 cert: PathBuf::from(source),
                 key: key_path.to_path_buf(),
             })

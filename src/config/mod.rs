@@ -95,6 +95,9 @@ impl Default for Shutdown {
 pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Where each path was set, `file:line:col: cert[0].cert`, for errors about the files.
+    pub cert_origin: String,
+    pub key_origin: String,
 }
 
 /// One `[[route]]`, validated.
@@ -180,7 +183,7 @@ impl Default for SseConfig {
 /// Why a config file was refused. Display gives `file:line:col: key: what is wrong`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read config file: {source}")]
+    #[error("{path}: cannot read config file")]
     Read {
         path: String,
         #[source]
@@ -240,6 +243,19 @@ impl Located<'_> {
             line,
             column,
             message: message.into(),
+        }
+    }
+
+    /// `file:line:col: key`, for messages about a value that is checked later (files on disk).
+    fn origin(&self, span: Range<usize>, key: &str) -> String {
+        match self.error(span, key) {
+            ConfigError::Invalid {
+                path,
+                line,
+                column,
+                message,
+            } => format!("{path}:{line}:{column}: {message}"),
+            other => other.to_string(),
         }
     }
 
@@ -349,9 +365,12 @@ impl Located<'_> {
         let certs = raw
             .cert
             .iter()
-            .map(|c| CertFiles {
+            .enumerate()
+            .map(|(i, c)| CertFiles {
                 cert: PathBuf::from(c.cert.get_ref()),
                 key: PathBuf::from(c.key.get_ref()),
+                cert_origin: self.origin(c.cert.span(), &format!("cert[{i}].cert")),
+                key_origin: self.origin(c.key.span(), &format!("cert[{i}].key")),
             })
             .collect();
 

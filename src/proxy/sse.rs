@@ -72,6 +72,20 @@ impl Boundary {
         }
         events
     }
+
+    /// The length of the prefix of `bytes` that ends at the first event boundary in it (with
+    /// the LF of a CRLF), if there is one.
+    pub fn first_boundary(&self, bytes: &[u8]) -> Option<usize> {
+        let mut probe = *self;
+        for (i, &b) in bytes.iter().enumerate() {
+            probe.advance(&[b]);
+            if probe.at_event_boundary() {
+                let crlf = b == b'\r' && bytes.get(i + 1) == Some(&b'\n');
+                return Some(i + 1 + usize::from(crlf));
+            }
+        }
+        None
+    }
 }
 
 /// Who ended a stream, for the access log.
@@ -173,6 +187,12 @@ impl Body for SseBody {
             Poll::Ready(Some(Ok(frame))) => {
                 this.last_backend = Instant::now();
                 return match frame.into_data() {
+                    // Shutting down: the stream ends at the first boundary, even one inside a
+                    // chunk; the start of the next event is not sent.
+                    Ok(data) if this.closing => match this.boundary.first_boundary(&data) {
+                        Some(end) => this.send(data.slice(..end)),
+                        None => this.send(data),
+                    },
                     Ok(data) => this.send(data),
                     // Trailers pass as they are.
                     Err(frame) => Poll::Ready(Some(Ok(frame))),
@@ -290,6 +310,17 @@ mod tests {
         assert_eq!(events, 2);
         let (_, events) = after(&[": comment\n\n"]);
         assert_eq!(events, 1, "a comment block is dispatched like an event");
+    }
+
+    #[test]
+    fn first_boundary_inside_a_chunk() {
+        let (mid_event, _) = after(&["data: a"]);
+        assert_eq!(mid_event.first_boundary(b"b\n\ndata: c"), Some(3));
+        assert_eq!(mid_event.first_boundary(b"b\r\n\r\ndata: c"), Some(5));
+        assert_eq!(mid_event.first_boundary(b"b\r\r"), Some(3));
+        assert_eq!(mid_event.first_boundary(b"b\ndata: c\n"), None);
+        let (after_line, _) = after(&["data: a\n"]);
+        assert_eq!(after_line.first_boundary(b"\n: next\n\n"), Some(1));
     }
 
     #[test]

@@ -1,0 +1,53 @@
+# streamgate as a static binary in an empty image.
+#
+#   docker build -t streamgate .
+#   docker run --rm -p 8443:8443 streamgate demo
+#   docker run --rm -p 8443:8443 \
+#     -v "$PWD/streamgate.toml:/etc/streamgate/streamgate.toml:ro" \
+#     -v "$PWD/certs:/etc/streamgate/certs:ro" streamgate
+#
+# The working directory is /etc/streamgate, so the certificate paths in a config
+# ("certs/example.pem") resolve under /etc/streamgate/certs.
+
+FROM rust:1.95-bookworm AS build
+
+# musl-gcc compiles ring's C and assembly for the static target. Not pinned: the version is
+# whatever bookworm ships, and a pin would break the build at Debian's next point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends musl-tools \
+    && rm -rf /var/lib/apt/lists/*
+RUN rustup target add x86_64-unknown-linux-musl
+
+WORKDIR /src
+
+# Dependencies first, against stub sources, so that changing src/ does not rebuild them.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir src \
+    && echo 'fn main() {}' > src/main.rs \
+    && touch src/lib.rs \
+    && cargo build --release --locked --target x86_64-unknown-linux-musl \
+    && rm -rf src
+
+COPY src ./src
+# COPY keeps the files' old modification times; touch them so cargo rebuilds over the stub.
+# Symbols are stripped here rather than in Cargo.toml, so local release builds keep them.
+RUN touch src/main.rs src/lib.rs \
+    && CARGO_PROFILE_RELEASE_STRIP=symbols \
+       cargo build --release --locked --target x86_64-unknown-linux-musl
+
+# Nothing but the binary: no shell, no libc, no package manager. Backends are plain HTTP, so
+# no CA bundle is needed either.
+FROM scratch
+
+COPY --from=build /src/target/x86_64-unknown-linux-musl/release/streamgate /usr/local/bin/streamgate
+
+WORKDIR /etc/streamgate
+ENV STREAMGATE_CONFIG=/etc/streamgate/streamgate.toml
+
+# An unprivileged numeric user (the "nonroot" id of distroless images); 8443 needs no
+# privilege to bind.
+USER 65532:65532
+EXPOSE 8443
+
+ENTRYPOINT ["/usr/local/bin/streamgate"]
