@@ -46,7 +46,10 @@ grep -q '^FROM scratch' "$ctx/Containerfile" || { echo "final stage is not FROM 
 cat "$ctx/Containerfile"
 store=(--storage-driver vfs)
 buildah "${store[@]}" bud --isolation chroot -f "$ctx/Containerfile" -t localhost/streamgate:ci "$ctx"
-podman_run=(podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs run --rm --network host)
+# podman's default ulimits (1M files, 32k processes) are above what this sandbox lets runc set;
+# explicit, lower limits work everywhere.
+limits=(--ulimit nofile=16384:16384 --ulimit nproc=4096:4096)
+podman_run=(podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs run --rm --network host "${limits[@]}")
 
 log "check on a mounted config"
 cfg=$(mktemp -d)
@@ -60,7 +63,7 @@ chmod -R a+rX "$cfg"
 
 log "demo answers over TLS"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cid=$(podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs run -d --network host \
+cid=$(podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs run -d --network host "${limits[@]}" \
   localhost/streamgate:ci demo --listen "127.0.0.1:$port")
 cleanup() { podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs rm -f "$cid" >/dev/null 2>&1 || true; rm -rf "$ctx" "$cfg"; }
 trap cleanup EXIT

@@ -60,7 +60,9 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Read
 fn answer(req: &Request<Incoming>, metrics: &Metrics, ready: &Readiness) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
-        "/readyz" if ready.is_ready() => (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n")),
+        "/readyz" if ready.is_ready() => {
+            (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n"))
+        }
         "/readyz" => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
@@ -79,8 +81,9 @@ fn answer(req: &Request<Incoming>, metrics: &Metrics, ready: &Readiness) -> Resp
     };
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     response
 }

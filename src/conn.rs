@@ -7,6 +7,7 @@ use std::sync::Arc;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -80,23 +81,25 @@ impl ConnContext {
             }
         };
         let (_, session) = tls.get_ref();
-        let alpn = session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+        let alpn = session
+            .alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned());
         let sni = session.server_name().map(str::to_owned);
         let span = tracing::Span::current();
         span.record("sni", sni.as_deref().unwrap_or("-"));
         span.record("alpn", alpn.as_deref().unwrap_or("-"));
-        let conn = ConnInfo {
-            id,
-            peer,
-            tls: true,
-            slot: Arc::new(slot),
-        };
         let proto = match alpn.as_deref() {
             Some("h2") => Proto::H2,
             Some(_) => Proto::H1,
             None => Proto::Auto,
         };
-        self.serve(tls, conn, proto, "https").await
+        let conn = ConnInfo {
+            id,
+            peer,
+            tls: true,
+            slot: self.slot(slot, "https", &proto),
+        };
+        self.serve(tls, conn, proto).await
     }
 
     /// Serves a connection accepted on the plain listener.
@@ -111,26 +114,40 @@ impl ConnContext {
             id,
             peer,
             tls: false,
-            slot: Arc::new(slot),
+            slot: self.slot(slot, "http", &Proto::Auto),
         };
-        self.serve(tcp, conn, Proto::Auto, "http").await
+        self.serve(tcp, conn, Proto::Auto).await
     }
 
-    async fn serve<I>(&self, io: I, conn: ConnInfo, proto: Proto, listener: &'static str)
-    where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    /// Counts the connection as open until its last holder lets go of the slot.
+    fn slot(
+        &self,
+        permit: OwnedSemaphorePermit,
+        listener: &'static str,
+        proto: &Proto,
+    ) -> Arc<ConnSlot> {
         // Without ALPN, hyper tells h1 from h2 by the preface; count those as h1 (the usual case).
-        let protocol = if matches!(proto, Proto::H2) { "h2" } else { "h1" };
+        let protocol = if matches!(proto, Proto::H2) {
+            "h2"
+        } else {
+            "h1"
+        };
         let open = self
             .gateway
             .metrics
             .connections
             .get_or_create_owned(&ConnLabels { listener, protocol });
         open.inc();
-        let _open = scopeguard(move || {
-            open.dec();
-        });
+        Arc::new(ConnSlot {
+            _permit: permit,
+            open,
+        })
+    }
+
+    async fn serve<I>(&self, io: I, conn: ConnInfo, proto: Proto)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let gateway = self.gateway.clone();
         // HTTP/2 streams run in tasks of their own: carry the connection's span into them.
         let span = tracing::Span::current();
@@ -164,17 +181,19 @@ impl ConnContext {
     }
 }
 
-/// Runs `f` when dropped, so a gauge goes down however the connection ends.
-fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
+/// What an open client connection holds, for as long as it is open: its place under
+/// `limits.max_connections` and its count in `open_connections`. An HTTP/1.1 WebSocket tunnel
+/// outlives hyper's connection task and keeps a clone, so the connection still counts.
+#[derive(Debug)]
+pub struct ConnSlot {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.open.dec();
     }
-    Guard(Some(f))
 }
 
 enum Proto {
@@ -194,4 +213,3 @@ pub fn conn_span(id: u64, peer: SocketAddr, listener: &'static str) -> tracing::
         alpn = tracing::field::Empty
     )
 }
-

@@ -203,10 +203,17 @@ fn websocket_echo(mut req: Request<Incoming>) -> http::Result<Response<DemoBody>
 /// Answers with the request as the backend saw it: what the gateway forwarded.
 async fn echo(req: Request<Incoming>) -> http::Result<Response<DemoBody>> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let mut text = format!("{} {} {:?}\n", parts.method, parts.uri, parts.version);
     for (name, value) in &parts.headers {
-        text.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())));
+        text.push_str(&format!(
+            "{name}: {}\n",
+            String::from_utf8_lossy(value.as_bytes())
+        ));
     }
     text.push_str(&format!("\n{} body bytes\n", body.len()));
     Response::builder()

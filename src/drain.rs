@@ -58,7 +58,10 @@ impl Drain {
     pub async fn shutdown(&self, grace: Duration) {
         self.draining.cancel();
         self.tasks.close();
-        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 remaining = self.tasks.len(),
                 grace_ms = grace.as_millis() as u64,

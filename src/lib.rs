@@ -95,10 +95,15 @@ pub struct Server {
     drain: Drain,
     ready: Arc<Readiness>,
     reloader: Option<Arc<Reloader>>,
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Server {
-    pub fn new(config: Config, certs: &[LoadedCert], listeners: Listeners) -> Result<Server, TlsError> {
+    pub fn new(
+        config: Config,
+        certs: &[LoadedCert],
+        listeners: Listeners,
+    ) -> Result<Server, TlsError> {
         let store = Arc::new(CertStore::new(certs)?);
         let tls = tls::server_config(store.clone())?;
         let https_port = listeners.https.local_addr().map_or(443, |a| a.port());
@@ -123,6 +128,7 @@ impl Server {
             drain,
             ready: Arc::new(Readiness::default()),
             reloader: None,
+            hangup: None,
         })
     }
 
@@ -132,9 +138,10 @@ impl Server {
         self
     }
 
-    /// Reloads from `config.path` on SIGHUP and when the files change.
+    /// Reloads from `config.path` on SIGHUP and when the files change. Needs a tokio runtime.
     pub fn watch_config(mut self) -> Server {
         self.reloader = Some(self.reloader_for());
+        self.hangup = Reloader::hangup_signal();
         self
     }
 
@@ -174,17 +181,26 @@ impl Server {
             slots.clone(),
         ));
         if let Some(http) = self.listeners.http {
-            loops.spawn(listener::accept_loop(http, listener::Kind::Plain, ctx.clone(), slots));
+            loops.spawn(listener::accept_loop(
+                http,
+                listener::Kind::Plain,
+                ctx.clone(),
+                slots,
+            ));
         }
         // The admin listener outlives the drain, so /readyz can say 503 while it runs.
         let admin = self.admin.map(|l| {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "admin listening: /healthz /readyz /metrics");
             }
-            tokio::spawn(admin::serve(l, self.gateway.metrics.clone(), self.ready.clone()))
+            tokio::spawn(admin::serve(
+                l,
+                self.gateway.metrics.clone(),
+                self.ready.clone(),
+            ))
         });
         if let Some(reloader) = &self.reloader {
-            tokio::spawn(reloader.clone().watch(self.drain.clone()));
+            tokio::spawn(reloader.clone().watch(self.hangup, self.drain.clone()));
         }
 
         shutdown.await;
@@ -197,7 +213,10 @@ impl Server {
             .unwrap_or_else(|| self.config.shutdown.clone());
         let delay = settings.delay;
         if !delay.is_zero() {
-            tracing::info!(delay_ms = delay.as_millis() as u64, "draining: not ready, still serving for shutdown.delay");
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "draining: not ready, still serving for shutdown.delay"
+            );
             tokio::time::sleep(delay).await;
         }
         tracing::info!(
@@ -221,7 +240,9 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TlsError> {
-    Server::new(config.clone(), certs, listeners)?.run(shutdown).await;
+    Server::new(config.clone(), certs, listeners)?
+        .run(shutdown)
+        .await;
     Ok(())
 }
 

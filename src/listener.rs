@@ -26,7 +26,12 @@ pub enum Kind {
 
 /// Accepts until the drain begins. `slots` caps open connections across listeners: when it is
 /// empty the loop waits, and further clients wait in the kernel's backlog.
-pub async fn accept_loop(listener: TcpListener, kind: Kind, ctx: Arc<ConnContext>, slots: Arc<Semaphore>) {
+pub async fn accept_loop(
+    listener: TcpListener,
+    kind: Kind,
+    ctx: Arc<ConnContext>,
+    slots: Arc<Semaphore>,
+) {
     let name = match kind {
         Kind::Tls(_) => "https",
         Kind::Plain => "http",
@@ -76,7 +81,9 @@ pub async fn accept_loop(listener: TcpListener, kind: Kind, ctx: Arc<ConnContext
 fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
     )
 }
 

@@ -99,7 +99,10 @@ fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runt
     if let Some(n) = worker_threads {
         builder.worker_threads(n);
     }
-    builder.enable_all().build().context("cannot start the tokio runtime")
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
 }
 
 fn load(path: &Path) -> anyhow::Result<(Config, Vec<tls::LoadedCert>)> {
@@ -117,14 +120,21 @@ fn check(path: &Path) -> anyhow::Result<()> {
     }
     for c in &certs {
         let expired = if c.expired { "  EXPIRED" } else { "" };
-        println!("cert  {}  names {:?}  until {}{expired}", c.source, c.names, c.not_after);
+        println!(
+            "cert  {}  names {:?}  until {}{expired}",
+            c.source, c.names, c.not_after
+        );
     }
     let metrics = std::sync::Arc::new(streamgate::metrics::Metrics::new());
     let router = streamgate::router::Router::new(&config.routes, &metrics);
     println!("routes, in match order:");
     for r in router.routes() {
         let backends: Vec<String> = r.config.backends.iter().map(|b| b.to_string()).collect();
-        let strip = if r.config.strip_prefix { "  (strip prefix)" } else { "" };
+        let strip = if r.config.strip_prefix {
+            "  (strip prefix)"
+        } else {
+            ""
+        };
         println!("  {:<32} -> {}{strip}", r.name, backends.join(", "));
     }
     Ok(())
@@ -152,14 +162,18 @@ fn run(path: &Path) -> anyhow::Result<()> {
     })
 }
 
-/// The first SIGTERM/SIGINT starts the drain; a second one exits at once.
-async fn shutdown_then_force() {
-    shutdown_signal().await;
-    tokio::spawn(async {
-        shutdown_signal().await;
-        tracing::warn!("second signal: exiting without waiting for connections");
-        std::process::exit(1);
-    });
+/// The first SIGTERM/SIGINT starts the drain; a second one exits at once. The handlers are
+/// installed here, before anything listens, and kept, so no signal falls between two of them.
+fn shutdown_then_force() -> impl std::future::Future<Output = ()> {
+    let mut signals = Signals::install();
+    async move {
+        signals.next().await;
+        tokio::spawn(async move {
+            signals.next().await;
+            tracing::warn!("second signal: exiting without waiting for connections");
+            std::process::exit(1);
+        });
+    }
 }
 
 fn health(path: &Path, addr: Option<SocketAddr>) -> ExitCode {
@@ -169,7 +183,11 @@ fn health(path: &Path, addr: Option<SocketAddr>) -> ExitCode {
     let timeout = Duration::from_secs(3);
     // The demo has no config file: then its default TLS port is what must answer.
     let config = Config::load(path).ok();
-    let admin = if addr.is_some() { None } else { config.as_ref().and_then(|c| c.listen.admin) };
+    let admin = if addr.is_some() {
+        None
+    } else {
+        config.as_ref().and_then(|c| c.listen.admin)
+    };
     let result = match admin {
         Some(admin) => (|| -> std::io::Result<bool> {
             let mut s = TcpStream::connect_timeout(&local(admin), timeout)?;
@@ -213,28 +231,49 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     let addr = demo.listeners.https_addr()?;
     println!("streamgate demo: https://localhost:{}/", addr.port());
     println!("certificate SHA-256 fingerprint: {}", demo.fingerprint);
-    println!("(self-signed, made at start-up: your browser will ask you to accept it; curl needs -k)");
+    println!(
+        "(self-signed, made at start-up: your browser will ask you to accept it; curl needs -k)"
+    );
     streamgate::Server::new(demo.config, &demo.certs, demo.listeners)?
         .run(shutdown_then_force())
         .await;
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
+/// SIGTERM and SIGINT (Ctrl-C), listened for from creation on.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
             Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await
+                tracing::error!(error = %e, signal = name, "cannot listen for signal");
+                None
+            }
+        };
+        Signals {
+            term: listen(SignalKind::terminate(), "SIGTERM"),
+            int: listen(SignalKind::interrupt(), "SIGINT"),
+        }
+    }
+
+    async fn next(&mut self) {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
         }
-    };
-    tokio::select! {
-        _ = term => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        tokio::select! {
+            _ = recv(&mut self.term) => tracing::info!("SIGTERM received"),
+            _ = recv(&mut self.int) => tracing::info!("SIGINT received"),
+        }
     }
 }

@@ -91,16 +91,56 @@ impl Metrics {
             stream_lifetime: Family::new_with_constructor(duration_histogram),
             registry: Registry::default(),
         };
-        registry.register("open_connections", "Open client connections by listener and protocol", m.connections.clone());
-        registry.register("open_websockets", "Open WebSocket tunnels by route", m.websockets.clone());
-        registry.register("open_sse_streams", "Open Server-Sent Events streams by route", m.sse_streams.clone());
-        registry.register("requests", "Requests by route and status class", m.requests.clone());
-        registry.register("bytes", "Body and tunnel bytes by route, in (to backends) and out (to clients)", m.bytes.clone());
-        registry.register("upstream_connect_failures", "Failed connections to backends", m.upstream_connect_failures.clone());
-        registry.register("tls_handshake_failures", "TLS handshakes that failed or timed out", m.tls_handshake_failures.clone());
-        registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
-        registry.register("request_duration_seconds", "Time from request to the end of the response, by route (streams excluded)", m.request_duration.clone());
-        registry.register("stream_lifetime_seconds", "Lifetime of WebSocket tunnels and SSE streams, by route and kind", m.stream_lifetime.clone());
+        registry.register(
+            "open_connections",
+            "Open client connections by listener and protocol",
+            m.connections.clone(),
+        );
+        registry.register(
+            "open_websockets",
+            "Open WebSocket tunnels by route",
+            m.websockets.clone(),
+        );
+        registry.register(
+            "open_sse_streams",
+            "Open Server-Sent Events streams by route",
+            m.sse_streams.clone(),
+        );
+        registry.register(
+            "requests",
+            "Requests by route and status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Body and tunnel bytes by route, in (to backends) and out (to clients)",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "upstream_connect_failures",
+            "Failed connections to backends",
+            m.upstream_connect_failures.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to the end of the response, by route (streams excluded)",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "stream_lifetime_seconds",
+            "Lifetime of WebSocket tunnels and SSE streams, by route and kind",
+            m.stream_lifetime.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -114,23 +154,50 @@ impl Metrics {
 
     /// The handles one route uses, created once.
     pub fn route(&self, route: &str) -> RouteMetrics {
-        let r = || RouteLabel { route: route.to_string() };
-        let class = |class| self.requests.get_or_create_owned(&RequestLabels { route: route.to_string(), class });
+        let r = || RouteLabel {
+            route: route.to_string(),
+        };
+        let class = |class| {
+            self.requests.get_or_create_owned(&RequestLabels {
+                route: route.to_string(),
+                class,
+            })
+        };
         RouteMetrics {
-            requests: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
-            bytes_in: self.bytes.get_or_create_owned(&BytesLabels { route: route.to_string(), direction: "in" }),
-            bytes_out: self.bytes.get_or_create_owned(&BytesLabels { route: route.to_string(), direction: "out" }),
+            requests: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            bytes_in: self.bytes.get_or_create_owned(&BytesLabels {
+                route: route.to_string(),
+                direction: "in",
+            }),
+            bytes_out: self.bytes.get_or_create_owned(&BytesLabels {
+                route: route.to_string(),
+                direction: "out",
+            }),
             websockets: self.websockets.get_or_create_owned(&r()),
             sse_streams: self.sse_streams.get_or_create_owned(&r()),
             duration: self.request_duration.get_or_create_owned(&r()),
-            websocket_lifetime: self.stream_lifetime.get_or_create_owned(&StreamLabels { route: route.to_string(), kind: "websocket" }),
-            sse_lifetime: self.stream_lifetime.get_or_create_owned(&StreamLabels { route: route.to_string(), kind: "sse" }),
+            websocket_lifetime: self.stream_lifetime.get_or_create_owned(&StreamLabels {
+                route: route.to_string(),
+                kind: "websocket",
+            }),
+            sse_lifetime: self.stream_lifetime.get_or_create_owned(&StreamLabels {
+                route: route.to_string(),
+                kind: "sse",
+            }),
         }
     }
 
     pub fn connect_failure(&self, backend: &str) {
         self.upstream_connect_failures
-            .get_or_create(&BackendLabel { backend: backend.to_string() })
+            .get_or_create(&BackendLabel {
+                backend: backend.to_string(),
+            })
             .inc();
     }
 }
@@ -169,10 +236,25 @@ mod tests {
         r.websockets.inc();
         m.connect_failure("127.0.0.1:9");
         let text = m.render();
-        assert!(text.contains("streamgate_requests_total{route=\"*/ws\",class=\"2xx\"} 1"), "{text}");
-        assert!(text.contains("streamgate_requests_total{route=\"*/ws\",class=\"5xx\"} 1"), "{text}");
-        assert!(text.contains("streamgate_bytes_total{route=\"*/ws\",direction=\"out\"} 10"), "{text}");
-        assert!(text.contains("streamgate_open_websockets{route=\"*/ws\"} 1"), "{text}");
-        assert!(text.contains("streamgate_upstream_connect_failures_total{backend=\"127.0.0.1:9\"} 1"), "{text}");
+        assert!(
+            text.contains("streamgate_requests_total{route=\"*/ws\",class=\"2xx\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("streamgate_requests_total{route=\"*/ws\",class=\"5xx\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("streamgate_bytes_total{route=\"*/ws\",direction=\"out\"} 10"),
+            "{text}"
+        );
+        assert!(
+            text.contains("streamgate_open_websockets{route=\"*/ws\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("streamgate_upstream_connect_failures_total{backend=\"127.0.0.1:9\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -71,15 +71,24 @@ impl Reloader {
         Ok(())
     }
 
-    /// Reloads on SIGHUP and on file changes until the drain begins.
-    pub async fn watch(self: Arc<Self>, drain: Drain) {
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+    /// Listens for SIGHUP from now on: call before the gateway reports ready, so a SIGHUP can
+    /// never find the default action (exit) in place.
+    pub fn hangup_signal() -> Option<tokio::signal::unix::Signal> {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::error!(error = %e, "cannot listen for SIGHUP; reload on file change only");
                 None
             }
-        };
+        }
+    }
+
+    /// Reloads on SIGHUP and on file changes until the drain begins.
+    pub async fn watch(
+        self: Arc<Self>,
+        mut hangup: Option<tokio::signal::unix::Signal>,
+        drain: Drain,
+    ) {
         let mut seen = self.fingerprint();
         let mut tick = tokio::time::interval(POLL_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -93,8 +102,10 @@ impl Reloader {
                     }
                 } => {
                     tracing::info!("SIGHUP received, reloading");
+                    // Fingerprint first: a file written during the reload is seen next tick.
+                    let now = self.fingerprint();
                     let _ = self.reload();
-                    seen = self.fingerprint();
+                    seen = now;
                 }
                 _ = tick.tick() => {
                     let now = self.fingerprint();
@@ -103,7 +114,7 @@ impl Reloader {
                         // Remember the new contents even if they are refused: a broken file is
                         // reported once, not every second.
                         let _ = self.reload();
-                        seen = self.fingerprint();
+                        seen = now;
                     }
                 }
             }
@@ -114,7 +125,11 @@ impl Reloader {
     fn fingerprint(&self) -> u64 {
         let mut h = DefaultHasher::new();
         hash_file(&self.path, &mut h);
-        let certs: Vec<CertFiles> = self.running.lock().map(|c| c.certs.clone()).unwrap_or_default();
+        let certs: Vec<CertFiles> = self
+            .running
+            .lock()
+            .map(|c| c.certs.clone())
+            .unwrap_or_default();
         for c in &certs {
             hash_file(&c.cert, &mut h);
             hash_file(&c.key, &mut h);
@@ -132,7 +147,10 @@ fn hash_file(path: &Path, h: &mut DefaultHasher) {
 
 fn warn_restart_only(old: &Config, new: &Config) {
     let changed = |what: &str| {
-        tracing::warn!(setting = what, "changed in the file, but only a restart applies it");
+        tracing::warn!(
+            setting = what,
+            "changed in the file, but only a restart applies it"
+        );
     };
     if old.listen.https != new.listen.https
         || old.listen.http != new.listen.http

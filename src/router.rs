@@ -114,7 +114,9 @@ fn host_matches(rule: &HostMatch, host: Option<&str>) -> bool {
         (HostMatch::Any, _) => true,
         (HostMatch::Exact(name), Some(h)) => name == h,
         // "*.example.com" matches "a.example.com" and "a.b.example.com", not "example.com".
-        (HostMatch::Wildcard(suffix), Some(h)) => h.len() > suffix.len() && h.ends_with(suffix.as_str()),
+        (HostMatch::Wildcard(suffix), Some(h)) => {
+            h.len() > suffix.len() && h.ends_with(suffix.as_str())
+        }
         (_, None) => false,
     }
 }
@@ -204,13 +206,19 @@ backends = ["http://chat:1"]
             (None, "/api/", "any-api:1"),
         ];
         for (host, path, want) in cases {
-            assert_eq!(found(&r, host, path).as_deref(), Some(want), "{host:?} {path}");
+            assert_eq!(
+                found(&r, host, path).as_deref(),
+                Some(want),
+                "{host:?} {path}"
+            );
         }
     }
 
     #[test]
     fn no_route_when_nothing_matches() {
-        let r = router("[[route]]\nhost = \"a.example\"\npath = \"/ws\"\nbackends = [\"http://a:1\"]\n");
+        let r = router(
+            "[[route]]\nhost = \"a.example\"\npath = \"/ws\"\nbackends = [\"http://a:1\"]\n",
+        );
         assert_eq!(found(&r, Some("a.example"), "/wsx"), None);
         assert_eq!(found(&r, Some("b.example"), "/ws"), None);
         assert_eq!(found(&r, None, "/ws"), None);
@@ -218,7 +226,9 @@ backends = ["http://chat:1"]
 
     #[test]
     fn strip_prefix_keeps_the_rest_byte_for_byte() {
-        let r = router("[[route]]\npath = \"/api/\"\nstrip_prefix = true\nbackends = [\"http://a:1\"]\n");
+        let r = router(
+            "[[route]]\npath = \"/api/\"\nstrip_prefix = true\nbackends = [\"http://a:1\"]\n",
+        );
         let route = r.find(None, "/api//ws/2").expect("route matches");
         assert_eq!(route.backend_path("/api//ws/2?q=%2F"), "//ws/2?q=%2F");
         assert_eq!(route.backend_path("/api"), "/");
@@ -249,7 +259,10 @@ backends = ["http://chat:1"]
             .body(())
             .expect("valid request");
         assert_eq!(request_host(&req).as_deref(), Some("other.example"));
-        let req = http::Request::get("/x").header("host", "[::1]:80").body(()).expect("valid");
+        let req = http::Request::get("/x")
+            .header("host", "[::1]:80")
+            .body(())
+            .expect("valid");
         assert_eq!(request_host(&req).as_deref(), Some("[::1]"));
     }
 }

@@ -99,15 +99,14 @@ fn load_pair(files: &CertFiles) -> Result<LoadedCert, TlsError> {
             source,
         },
     })?;
-    certified(chain, key, &cert_path.display().to_string(), key_path)
-        .map_err(|e| match e {
-            TlsError::KeyMismatch { cert, key, .. } => TlsError::KeyMismatch {
-                origin: files.key_origin.clone(),
-                cert,
-                key,
-            },
-            other => other,
-        })
+    certified(chain, key, &cert_path.display().to_string(), key_path).map_err(|e| match e {
+        TlsError::KeyMismatch { cert, key, .. } => TlsError::KeyMismatch {
+            origin: files.key_origin.clone(),
+            cert,
+            key,
+        },
+        other => other,
+    })
 }
 
 /// Builds a [`LoadedCert`] from DER, as the demo does with its in-memory certificate.
@@ -137,12 +136,11 @@ pub fn certified(
             })
         }
     }
-    let (names, not_after, expired) = describe(&certified.cert[0]).map_err(|message| {
-        TlsError::ParseCert {
+    let (names, not_after, expired) =
+        describe(&certified.cert[0]).map_err(|message| TlsError::ParseCert {
             path: PathBuf::from(source),
             message,
-        }
-    })?;
+        })?;
     Ok(LoadedCert {
         source: source.to_string(),
         names,
@@ -195,7 +193,9 @@ impl SniResolver {
             for name in &c.names {
                 // The first certificate to claim a name keeps it.
                 if let Some(suffix) = name.strip_prefix('*') {
-                    wildcard.entry(suffix.to_string()).or_insert_with(|| c.key.clone());
+                    wildcard
+                        .entry(suffix.to_string())
+                        .or_insert_with(|| c.key.clone());
                 } else {
                     exact.entry(name.clone()).or_insert_with(|| c.key.clone());
                 }
@@ -280,6 +280,11 @@ pub fn self_signed(names: &[&str]) -> Result<(LoadedCert, String), TlsError> {
         .collect::<Vec<_>>()
         .join(":");
     let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
-    let loaded = certified(vec![der], key, "self-signed (in memory)", Path::new("(in memory)"))?;
+    let loaded = certified(
+        vec![der],
+        key,
+        "self-signed (in memory)",
+        Path::new("(in memory)"),
+    )?;
     Ok((loaded, fingerprint))
 }

@@ -1,5 +1,7 @@
 mod config_errors;
 mod http_proxy;
 mod listeners;
+mod operations;
 mod support;
 mod tls_sni;
+mod websocket;

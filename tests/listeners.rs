@@ -190,11 +190,8 @@ async fn shutdown_lets_in_flight_requests_finish() {
         assert_eq!(res.status, StatusCode::OK, "{proto}");
         assert_eq!(res.body, "released", "{proto}");
 
-        let https = gw.https;
+        // `serve` returns once the drain is done. (Whether the port then refuses connections
+        // is not checked: a parallel test may already have been given the same free port.)
         gw.stopped().await;
-        assert!(
-            tokio::net::TcpStream::connect(https).await.is_err(),
-            "{proto}: the listener is closed after serve returns"
-        );
     }
 }

@@ -124,7 +124,11 @@ impl RouteConfig {
             HostMatch::Exact(h) => h.clone(),
             HostMatch::Wildcard(suffix) => format!("*{suffix}"),
         };
-        let path = if self.path.is_empty() { "/" } else { &self.path };
+        let path = if self.path.is_empty() {
+            "/"
+        } else {
+            &self.path
+        };
         format!("{host}{path}")
     }
 }
@@ -284,8 +288,8 @@ impl Located<'_> {
                         return Err(self.error(
                             m.span(),
                             format!(
-                                "listen.http_mode: expected \"redirect\" or \"proxy\", got {other:?}"
-                            ),
+                            "listen.http_mode: expected \"redirect\" or \"proxy\", got {other:?}"
+                        ),
                         ))
                     }
                 },
@@ -358,9 +362,9 @@ impl Located<'_> {
         };
 
         if raw.cert.is_empty() {
-            return Err(self.whole(
-                "no [[cert]]: the TLS listener needs at least one certificate and key",
-            ));
+            return Err(
+                self.whole("no [[cert]]: the TLS listener needs at least one certificate and key")
+            );
         }
         let certs = raw
             .cert
@@ -416,7 +420,14 @@ impl Located<'_> {
                 };
                 if let Some(suffix) = name.strip_prefix("*.") {
                     if !valid(suffix) {
-                        return Err(self.error(h.span(), format!("{}: expected a host name such as \"*.example.com\", got {:?}", key("host"), h.get_ref())));
+                        return Err(self.error(
+                            h.span(),
+                            format!(
+                                "{}: expected a host name such as \"*.example.com\", got {:?}",
+                                key("host"),
+                                h.get_ref()
+                            ),
+                        ));
                     }
                     HostMatch::Wildcard(format!(".{suffix}"))
                 } else if valid(&name) {
@@ -441,7 +452,10 @@ impl Located<'_> {
                 if !s.starts_with('/') || s.contains(['?', '#', ' ']) {
                     return Err(self.error(
                         p.span(),
-                        format!("{}: expected a path prefix such as \"/ws\", got {s:?}", key("path")),
+                        format!(
+                            "{}: expected a path prefix such as \"/ws\", got {s:?}",
+                            key("path")
+                        ),
                     ));
                 }
                 s.trim_end_matches('/').to_string()
@@ -451,7 +465,10 @@ impl Located<'_> {
         if r.backends.get_ref().is_empty() {
             return Err(self.error(
                 r.backends.span(),
-                format!("{}: expected at least one backend such as \"http://127.0.0.1:9000\"", key("backends")),
+                format!(
+                    "{}: expected at least one backend such as \"http://127.0.0.1:9000\"",
+                    key("backends")
+                ),
             ));
         }
         let backends = r
@@ -504,7 +521,11 @@ impl Located<'_> {
                     .as_ref()
                     .map(|v| self.duration(&key("sse.heartbeat"), v))
                     .transpose()?,
-                idle_timeout: self.duration_or(&key("sse.idle_timeout"), &s.idle_timeout, d.idle_timeout)?,
+                idle_timeout: self.duration_or(
+                    &key("sse.idle_timeout"),
+                    &s.idle_timeout,
+                    d.idle_timeout,
+                )?,
                 shutdown_retry: s
                     .shutdown_retry
                     .as_ref()
@@ -588,7 +609,9 @@ impl Located<'_> {
         value: &Option<Text>,
         default: Duration,
     ) -> Result<Duration, ConfigError> {
-        value.as_ref().map_or(Ok(default), |v| self.duration(key, v))
+        value
+            .as_ref()
+            .map_or(Ok(default), |v| self.duration(key, v))
     }
 
     fn int(
@@ -620,7 +643,9 @@ impl Located<'_> {
         range: std::ops::RangeInclusive<usize>,
         default: usize,
     ) -> Result<usize, ConfigError> {
-        value.as_ref().map_or(Ok(default), |v| self.int(key, v, range))
+        value
+            .as_ref()
+            .map_or(Ok(default), |v| self.int(key, v, range))
     }
 }
 

@@ -467,8 +467,13 @@ fn unreadable_file_names_the_path() {
         text == "/nonexistent/streamgate.toml: cannot read config file",
         "{text}"
     );
-    let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
-    assert!(cause.contains("No such file"), "the cause is kept as the source: {cause}");
+    let cause = std::error::Error::source(&e)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    assert!(
+        cause.contains("No such file"),
+        "the cause is kept as the source: {cause}"
+    );
 }
 
 #[test]

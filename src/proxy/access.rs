@@ -32,7 +32,12 @@ pub struct AccessEntry {
 }
 
 impl AccessEntry {
-    pub fn new(method: &http::Method, path: &str, start: Instant, unrouted: Arc<RouteMetrics>) -> AccessEntry {
+    pub fn new(
+        method: &http::Method,
+        path: &str,
+        start: Instant,
+        unrouted: Arc<RouteMetrics>,
+    ) -> AccessEntry {
         AccessEntry {
             route: None,
             backend: None,

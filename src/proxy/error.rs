@@ -94,10 +94,9 @@ mod tests {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
                 l.local_addr().expect("addr")
             };
-            let client = hyper_util::client::legacy::Client::builder(
-                hyper_util::rt::TokioExecutor::new(),
-            )
-            .build_http::<http_body_util::Empty<bytes::Bytes>>();
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Empty<bytes::Bytes>>();
             let uri: http::Uri = format!("http://{addr}/").parse().expect("uri");
             client.get(uri).await.expect_err("nothing listens")
         })

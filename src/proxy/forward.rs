@@ -29,11 +29,22 @@ pub async fn forward(
     let (mut parts, body) = req.into_parts();
     prepare_headers(&mut parts.headers, &parts.uri, conn);
     let (body, slot) = UpstreamBody::new(body, &route.metrics.bytes_in);
-    let mut response = send(route, parts.method, &parts.uri, parts.headers, body, slot, backend_used).await?;
+    let mut response = send(
+        route,
+        parts.method,
+        &parts.uri,
+        parts.headers,
+        body,
+        slot,
+        backend_used,
+    )
+    .await?;
     remove_hop_by_hop(response.headers_mut());
     if is_event_stream(response.headers()) {
         let route = route.clone();
-        return Ok(response.map(|body| GatewayBody::boxed(SseBody::new(body, route, conn.id, drain))));
+        return Ok(
+            response.map(|body| GatewayBody::boxed(SseBody::new(body, route, conn.id, drain)))
+        );
     }
     Ok(response.map(|body| GatewayBody::Upstream { body }))
 }
@@ -60,12 +71,10 @@ pub(super) async fn send(
         let target: Uri = format!("http://{backend}{path}")
             .parse()
             .map_err(|_| ProxyError::BadRequest("request target is not a valid URI"))?;
-        let body = body
-            .take()
-            .unwrap_or_else(|| match &slot {
-                Some(slot) => UpstreamBody::from_slot(slot, &route.metrics.bytes_in),
-                None => UpstreamBody::Empty,
-            });
+        let body = body.take().unwrap_or_else(|| match &slot {
+            Some(slot) => UpstreamBody::from_slot(slot, &route.metrics.bytes_in),
+            None => UpstreamBody::Empty,
+        });
         let mut req = Request::new(body);
         *req.method_mut() = method.clone();
         *req.uri_mut() = target;
@@ -77,7 +86,11 @@ pub(super) async fn send(
         };
 
         *backend_used = Some(backend.to_string());
-        let sent = tokio::time::timeout(route.config.response_header_timeout, route.upstream.request(req)).await;
+        let sent = tokio::time::timeout(
+            route.config.response_header_timeout,
+            route.upstream.request(req),
+        )
+        .await;
         let error = match sent {
             Ok(Ok(response)) => return Ok(response),
             Ok(Err(e)) => e,
@@ -106,10 +119,10 @@ pub(super) async fn send(
 /// Hop-by-hop headers out, X-Forwarded-* in, and `Host` as the client sent it (an HTTP/2
 /// client sends `:authority` instead, which becomes `Host` towards the HTTP/1.1 backend).
 pub(super) fn prepare_headers(headers: &mut HeaderMap, uri: &Uri, conn: &ConnInfo) {
-    let host = headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let host = headers.get(header::HOST).cloned().or_else(|| {
+        uri.authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     remove_hop_by_hop(headers);
     add_forwarded(headers, conn.peer.ip(), conn.tls, host.as_ref());
     if let Some(host) = host {

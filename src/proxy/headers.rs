@@ -53,7 +53,12 @@ pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 }
 
 /// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` and `-Host`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: Option<&HeaderValue>) {
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    tls: bool,
+    host: Option<&HeaderValue>,
+) {
     let client = client.to_canonical().to_string();
     // Several field lines are one comma-separated list (RFC 9110 5.3): keep every hop.
     let mut chain: Vec<&str> = headers

@@ -34,9 +34,10 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Whether the request arrived on the TLS listener.
     pub tls: bool,
-    /// The connection's place under `limits.max_connections`. WebSocket tunnels hold a clone,
-    /// so an upgraded connection still counts after hyper has let go of it.
-    pub slot: Arc<tokio::sync::OwnedSemaphorePermit>,
+    /// The connection's place under `limits.max_connections` and in `open_connections`.
+    /// WebSocket tunnels hold a clone, so an upgraded connection still counts after hyper has
+    /// let go of it.
+    pub slot: Arc<crate::conn::ConnSlot>,
 }
 
 /// The shared state every request sees: the route table and how the plain listener behaves.

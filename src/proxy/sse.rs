@@ -245,7 +245,10 @@ impl Body for SseBody {
 impl Drop for SseBody {
     fn drop(&mut self) {
         self.route.metrics.sse_streams.dec();
-        self.route.metrics.sse_lifetime.observe(self.start.elapsed().as_secs_f64());
+        self.route
+            .metrics
+            .sse_lifetime
+            .observe(self.start.elapsed().as_secs_f64());
         let ended_by = match self.ended {
             None => "client",
             Some(Ending::Backend) => "backend",
@@ -287,7 +290,12 @@ mod tests {
 
     #[test]
     fn boundary_after_blank_line_with_each_line_ending() {
-        for stream in ["data: a\n\n", "data: a\r\n\r\n", "data: a\r\r", "id: 1\ndata: a\n\n"] {
+        for stream in [
+            "data: a\n\n",
+            "data: a\r\n\r\n",
+            "data: a\r\r",
+            "id: 1\ndata: a\n\n",
+        ] {
             let (b, events) = after(&[stream]);
             assert!(b.at_event_boundary(), "{stream:?}");
             assert_eq!(events, 1, "{stream:?}");
@@ -297,7 +305,13 @@ mod tests {
 
     #[test]
     fn no_boundary_inside_an_event() {
-        for stream in ["data: a", "data: a\n", "data: a\r\n", "data: a\n\ndata: b\n", ": c\n"] {
+        for stream in [
+            "data: a",
+            "data: a\n",
+            "data: a\r\n",
+            "data: a\n\ndata: b\n",
+            ": c\n",
+        ] {
             let (b, _) = after(&[stream]);
             assert!(!b.at_event_boundary(), "{stream:?}");
         }
@@ -326,7 +340,10 @@ mod tests {
     #[test]
     fn content_type_detection() {
         let mut h = http::HeaderMap::new();
-        h.insert("content-type", "Text/Event-Stream; charset=utf-8".parse().expect("value"));
+        h.insert(
+            "content-type",
+            "Text/Event-Stream; charset=utf-8".parse().expect("value"),
+        );
         assert!(is_event_stream(&h));
         h.insert("content-type", "text/plain".parse().expect("value"));
         assert!(!is_event_stream(&h));

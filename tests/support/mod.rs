@@ -6,6 +6,8 @@ pub mod body;
 pub mod client;
 pub mod gateway;
 pub mod pki;
+pub mod process;
+pub mod ws;
 
 use std::future::Future;
 use std::time::Duration;

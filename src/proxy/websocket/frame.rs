@@ -107,7 +107,10 @@ pub fn parse(buf: &[u8]) -> Parsed {
 
 /// A whole control frame (FIN set), masked with `mask` when it goes toward a server.
 pub fn control_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    debug_assert!(payload.len() <= 125, "control payloads are at most 125 bytes");
+    debug_assert!(
+        payload.len() <= 125,
+        "control payloads are at most 125 bytes"
+    );
     let len = payload.len().min(125);
     let mut out = Vec::with_capacity(2 + 4 + len);
     out.push(0x80 | opcode);
@@ -156,13 +159,19 @@ mod tests {
         let Parsed::Header(h) = parse(&[0x81, 0x05, b'h']) else {
             panic!("short frame header")
         };
-        assert_eq!((h.fin, h.opcode, h.payload_len, h.header_len), (true, OP_TEXT, 5, 2));
+        assert_eq!(
+            (h.fin, h.opcode, h.payload_len, h.header_len),
+            (true, OP_TEXT, 5, 2)
+        );
 
         assert_eq!(parse(&[0x02, 126, 0x01]), Parsed::Incomplete);
         let Parsed::Header(h) = parse(&[0x02, 126, 0x01, 0x00]) else {
             panic!("16-bit length")
         };
-        assert_eq!((h.fin, h.opcode, h.payload_len, h.header_len), (false, OP_BINARY, 256, 4));
+        assert_eq!(
+            (h.fin, h.opcode, h.payload_len, h.header_len),
+            (false, OP_BINARY, 256, 4)
+        );
 
         let mut b = vec![0xC2, 0xFF];
         b.extend_from_slice(&(1u64 << 32).to_be_bytes());
@@ -181,9 +190,18 @@ mod tests {
         let mut b = vec![0x82, 127];
         b.extend_from_slice(&u64::MAX.to_be_bytes());
         assert!(matches!(parse(&b), Parsed::Invalid(_)));
-        assert!(matches!(parse(&[0x09, 0x00]), Parsed::Invalid(_)), "fragmented ping");
-        assert!(matches!(parse(&[0x89, 126, 0, 200]), Parsed::Invalid(_)), "long ping");
-        assert!(matches!(parse(&[0x83, 0x00]), Parsed::Invalid(_)), "reserved opcode");
+        assert!(
+            matches!(parse(&[0x09, 0x00]), Parsed::Invalid(_)),
+            "fragmented ping"
+        );
+        assert!(
+            matches!(parse(&[0x89, 126, 0, 200]), Parsed::Invalid(_)),
+            "long ping"
+        );
+        assert!(
+            matches!(parse(&[0x83, 0x00]), Parsed::Invalid(_)),
+            "reserved opcode"
+        );
     }
 
     #[test]

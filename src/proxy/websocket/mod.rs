@@ -12,8 +12,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tracing::Instrument;
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+use tracing::Instrument;
 
 use super::body::{GatewayBody, UpstreamBody};
 use super::error::ProxyError;
@@ -45,9 +45,16 @@ pub async fn bridge(
     check_handshake(req.headers(), h2).map_err(bad)?;
     check_origin(route, req.headers())?;
     let slot = match &route.websocket_slots {
-        Some(slots) => Some(slots.clone().try_acquire_owned().map_err(|_| ProxyError::RouteFull {
-            route: route.name.clone(),
-        })?),
+        Some(slots) => {
+            Some(
+                slots
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| ProxyError::RouteFull {
+                        route: route.name.clone(),
+                    })?,
+            )
+        }
         None => None,
     };
 
@@ -56,8 +63,12 @@ pub async fn bridge(
     let (mut parts, _empty_body) = req.into_parts();
     prepare_headers(&mut parts.headers, &parts.uri, conn);
     // Upgrade and Connection are hop-by-hop and were just removed: put the pair back.
-    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    parts
+        .headers
+        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     let key = if h2 {
         // RFC 8441 has no key; the HTTP/1.1 backend needs one (RFC 6455 4.1).
         let key = generate_key();
@@ -70,7 +81,16 @@ pub async fn bridge(
         None
     };
 
-    let mut response = send(route, Method::GET, &parts.uri, parts.headers, UpstreamBody::Empty, None, backend_used).await?;
+    let mut response = send(
+        route,
+        Method::GET,
+        &parts.uri,
+        parts.headers,
+        UpstreamBody::Empty,
+        None,
+        backend_used,
+    )
+    .await?;
     let backend = backend_used.clone().unwrap_or_default();
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The backend said no: its answer reaches the client as it is.
@@ -88,7 +108,12 @@ pub async fn bridge(
     }
     if let Some(key) = &key {
         let expected = derive_accept_key(key.as_bytes());
-        if response.headers().get(SEC_WEBSOCKET_ACCEPT).map(|v| v.as_bytes()) != Some(expected.as_bytes()) {
+        if response
+            .headers()
+            .get(SEC_WEBSOCKET_ACCEPT)
+            .map(|v| v.as_bytes())
+            != Some(expected.as_bytes())
+        {
             return Err(upstream_bad("wrong Sec-WebSocket-Accept"));
         }
     }
@@ -183,7 +208,9 @@ fn check_handshake(headers: &HeaderMap, h2: bool) -> Result<(), String> {
 fn is_websocket_key(k: &[u8]) -> bool {
     k.len() == 24
         && k.ends_with(b"==")
-        && k[..22].iter().all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
+        && k[..22]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
 }
 
 /// Cross-site WebSocket hijacking guard: with `allowed_origins` set, the Origin must be listed.
@@ -244,7 +271,11 @@ mod tests {
             (0, Some(("connection", "keep-alive")), "Connection"),
             (1, None, "missing Sec-WebSocket-Key"),
             (1, Some(("sec-websocket-key", "short")), "Sec-WebSocket-Key"),
-            (2, Some(("sec-websocket-version", "8")), "Version must be 13"),
+            (
+                2,
+                Some(("sec-websocket-version", "8")),
+                "Version must be 13",
+            ),
         ];
         for (skip, replace, expected) in cases {
             let mut h = HeaderMap::new();

@@ -135,7 +135,8 @@ impl Pump {
             return;
         }
         let mask = self.mask.then(random_mask);
-        self.inject.push_back(frame::close_frame(code, reason, mask));
+        self.inject
+            .push_back(frame::close_frame(code, reason, mask));
     }
 
     fn push_ping(&mut self) {
@@ -143,7 +144,8 @@ impl Pump {
             return;
         }
         let mask = self.mask.then(random_mask);
-        self.inject.push_back(frame::control_frame(frame::OP_PING, b"streamgate", mask));
+        self.inject
+            .push_back(frame::control_frame(frame::OP_PING, b"streamgate", mask));
     }
 
     /// Ends this direction's writing once what is queued is out.
@@ -168,7 +170,9 @@ impl Pump {
                 if self.frame_left == 0 && !self.inject.is_empty() {
                     let frame = &self.inject[0];
                     let n = match ready!(dst.as_mut().poll_write(cx, &frame[self.inject_at..])) {
-                        Ok(0) => return Poll::Ready(Event::WriteFailed(io::ErrorKind::WriteZero.into())),
+                        Ok(0) => {
+                            return Poll::Ready(Event::WriteFailed(io::ErrorKind::WriteZero.into()))
+                        }
                         Ok(n) => n,
                         Err(e) => return Poll::Ready(Event::WriteFailed(e)),
                     };
@@ -214,7 +218,8 @@ impl Pump {
                                 } else if h.opcode == frame::OP_CLOSE {
                                     let payload = &self.buf[self.start + h.header_len
                                         ..self.start + h.frame_len() as usize];
-                                    self.forwarding_close = Some(frame::close_code(payload, h.mask));
+                                    self.forwarding_close =
+                                        Some(frame::close_code(payload, h.mask));
                                 }
                                 self.frame_left = h.frame_len();
                             }
@@ -222,15 +227,18 @@ impl Pump {
                     }
                 }
                 if self.start < self.end && self.frame_left > 0 {
-                    let n = (self.end - self.start).min(self.frame_left.min(usize::MAX as u64) as usize);
-                    let written =
-                        match ready!(dst.as_mut().poll_write(cx, &self.buf[self.start..self.start + n])) {
-                            Ok(0) => {
-                                return Poll::Ready(Event::WriteFailed(io::ErrorKind::WriteZero.into()))
-                            }
-                            Ok(w) => w,
-                            Err(e) => return Poll::Ready(Event::WriteFailed(e)),
-                        };
+                    let n = (self.end - self.start)
+                        .min(self.frame_left.min(usize::MAX as u64) as usize);
+                    let written = match ready!(dst
+                        .as_mut()
+                        .poll_write(cx, &self.buf[self.start..self.start + n]))
+                    {
+                        Ok(0) => {
+                            return Poll::Ready(Event::WriteFailed(io::ErrorKind::WriteZero.into()))
+                        }
+                        Ok(w) => w,
+                        Err(e) => return Poll::Ready(Event::WriteFailed(e)),
+                    };
                     self.needs_flush = true;
                     self.start += written;
                     self.frame_left -= written as u64;
@@ -255,7 +263,10 @@ impl Pump {
                     }
                     self.needs_flush = false;
                 }
-                if self.shutdown_pending && self.inject.is_empty() && (self.discard || self.frame_left == 0) {
+                if self.shutdown_pending
+                    && self.inject.is_empty()
+                    && (self.discard || self.frame_left == 0)
+                {
                     // A failed shutdown only means the peer is gone already.
                     let _ = ready!(dst.as_mut().poll_shutdown(cx));
                     self.write_done = true;
@@ -308,7 +319,12 @@ fn random_mask() -> [u8; 4] {
 
 /// Relays between an upgraded client and backend until both sides are done, the gateway closes
 /// the connection (size limit, idle timeout, drain), or the drain's grace period ends.
-pub async fn relay<C, B>(mut client: C, mut backend: B, config: RelayConfig, drain: &Drain) -> RelayStats
+pub async fn relay<C, B>(
+    mut client: C,
+    mut backend: B,
+    config: RelayConfig,
+    drain: &Drain,
+) -> RelayStats
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -323,7 +339,9 @@ where
     let mut closing = false;
     let deadline = tokio::time::sleep(config.idle_timeout);
     tokio::pin!(deadline);
-    let ping_every = config.ping_interval.unwrap_or(Duration::from_secs(86_400 * 365));
+    let ping_every = config
+        .ping_interval
+        .unwrap_or(Duration::from_secs(86_400 * 365));
     let ping = tokio::time::sleep(ping_every);
     tokio::pin!(ping);
     let mut drained = drain.is_draining();
@@ -417,7 +435,9 @@ where
                     from.discard = true;
                 } else if !from.close_sent {
                     let (code, why) = match side {
-                        ClosedBy::Backend => (frame::CLOSE_INTERNAL_ERROR, "backend closed the connection"),
+                        ClosedBy::Backend => {
+                            (frame::CLOSE_INTERNAL_ERROR, "backend closed the connection")
+                        }
                         _ => (frame::CLOSE_GOING_AWAY, "client went away"),
                     };
                     from.push_close(code, why);
@@ -470,5 +490,3 @@ where
     }
 }
 
-#[cfg(test)]
-mod tests;
