@@ -50,4 +50,9 @@ ENV STREAMGATE_CONFIG=/etc/streamgate/streamgate.toml
 USER 65532:65532
 EXPOSE 8443
 
+# No shell in the image, so the check is the binary itself: GET /healthz on the admin listener
+# when the config sets one, else a connect to the TLS port (which is what the demo has).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["/usr/local/bin/streamgate", "health"]
+
 ENTRYPOINT ["/usr/local/bin/streamgate"]

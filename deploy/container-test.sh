@@ -45,7 +45,8 @@ awk '/^FROM /{stage=""} {stage = stage $0 "\n"} END {printf "%s", stage}' Docker
 grep -q '^FROM scratch' "$ctx/Containerfile" || { echo "final stage is not FROM scratch"; exit 1; }
 cat "$ctx/Containerfile"
 store=(--storage-driver vfs)
-buildah "${store[@]}" bud --isolation chroot -f "$ctx/Containerfile" -t localhost/streamgate:ci "$ctx"
+# Docker format: OCI images have no HEALTHCHECK.
+buildah "${store[@]}" bud --isolation chroot --format docker -f "$ctx/Containerfile" -t localhost/streamgate:ci "$ctx"
 # podman's default ulimits (1M files, 32k processes) are above what this sandbox lets runc set;
 # explicit, lower limits work everywhere.
 limits=(--ulimit nofile=16384:16384 --ulimit nproc=4096:4096)
@@ -80,6 +81,10 @@ echo "demo answered over TLS on port $port"
 podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs exec "$cid" \
   /usr/local/bin/streamgate health --addr "127.0.0.1:$port"
 echo "the HEALTHCHECK command passes inside the image"
+
+log "HEALTHCHECK in the image"
+podman "${store[@]}" image inspect localhost/streamgate:ci --format '{{json .HealthCheck}}' | tee /dev/stderr \
+  | grep -q '"/usr/local/bin/streamgate","health"' || { echo "image has no HEALTHCHECK"; exit 1; }
 
 log "image size"
 podman "${store[@]}" image inspect localhost/streamgate:ci --format '{{.Size}}' \
