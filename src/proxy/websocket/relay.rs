@@ -15,9 +15,15 @@ use tokio::time::Instant;
 use super::frame::{self, Parsed};
 use crate::drain::Drain;
 
-/// Bytes buffered per direction. Enough for a TLS record's worth of frames; small, because the
-/// goal is many idle connections per machine (backpressure does the rest).
-const BUF_SIZE: usize = 8 * 1024;
+/// Size of the read buffer, shared by all relays on a thread: one TLS record's plaintext.
+/// A relay keeps no buffer of its own while its peers keep up (and none at all while idle);
+/// only bytes its destination cannot take yet are copied aside, at most one read's worth.
+const READ_SIZE: usize = 16 * 1024;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; READ_SIZE].into_boxed_slice());
+}
 
 /// How long the gateway waits for peers to finish a close it started or relayed.
 const LINGER: Duration = Duration::from_secs(1);
@@ -80,11 +86,11 @@ enum Event {
     Invalid(&'static str),
 }
 
-/// One direction: source -> buffer -> destination, tracking frame boundaries.
+/// One direction: source -> destination, tracking frame boundaries.
 struct Pump {
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
+    /// Bytes read but not yet written: a partial frame header, or what the destination could
+    /// not take. Empty (and unallocated) most of the time.
+    pending: Vec<u8>,
     /// Bytes of the current frame (header included) not yet written; 0 at a frame boundary.
     frame_left: u64,
     /// The frame being written is a Close from the source; its code.
@@ -107,12 +113,19 @@ struct Pump {
     stats: DirectionStats,
 }
 
+/// Why [`Pump::forward`] stopped.
+enum Stop {
+    /// Everything given was written, or the rest is an incomplete header: read more.
+    NeedMore,
+    /// The destination is not ready; the waker is registered.
+    Blocked,
+    Event(Event),
+}
+
 impl Pump {
     fn new(mask: bool) -> Pump {
         Pump {
-            buf: vec![0; BUF_SIZE].into_boxed_slice(),
-            start: 0,
-            end: 0,
+            pending: Vec::new(),
             frame_left: 0,
             forwarding_close: None,
             message_len: 0,
@@ -153,28 +166,31 @@ impl Pump {
         self.shutdown_pending = true;
     }
 
-    fn poll<S, D>(
+    /// Writes the gateway's own frames (at a boundary) and as much of `data` as `dst` takes,
+    /// a whole header (or whole control frame) at a time. Returns the bytes of `data` used.
+    fn forward<D>(
         &mut self,
         cx: &mut Context<'_>,
-        mut src: Pin<&mut S>,
         mut dst: Pin<&mut D>,
+        data: &[u8],
         limit: Option<u64>,
-    ) -> Poll<Event>
+    ) -> (usize, Stop)
     where
-        S: AsyncRead + ?Sized,
         D: AsyncWrite + ?Sized,
     {
+        let mut at = 0;
         loop {
-            if !self.write_done {
-                // 1. The gateway's own frames go out only between frames.
-                if self.frame_left == 0 && !self.inject.is_empty() {
-                    let frame = &self.inject[0];
-                    let n = match ready!(dst.as_mut().poll_write(cx, &frame[self.inject_at..])) {
-                        Ok(0) => {
-                            return Poll::Ready(Event::WriteFailed(io::ErrorKind::WriteZero.into()))
+            if self.frame_left == 0 {
+                // The gateway's own frames go out only between frames.
+                if let Some(frame) = self.inject.front() {
+                    let n = match dst.as_mut().poll_write(cx, &frame[self.inject_at..]) {
+                        Poll::Pending => return (at, Stop::Blocked),
+                        Poll::Ready(Ok(0)) => {
+                            let e = io::ErrorKind::WriteZero.into();
+                            return (at, Stop::Event(Event::WriteFailed(e)));
                         }
-                        Ok(n) => n,
-                        Err(e) => return Poll::Ready(Event::WriteFailed(e)),
+                        Poll::Ready(Ok(n)) => n,
+                        Poll::Ready(Err(e)) => return (at, Stop::Event(Event::WriteFailed(e))),
                     };
                     self.needs_flush = true;
                     self.inject_at += n;
@@ -190,73 +206,91 @@ impl Pump {
                     }
                     continue;
                 }
-
-                // 2. Forward buffered bytes, a whole header (or control frame) at a time.
                 if self.discard {
-                    self.start = 0;
-                    self.end = 0;
+                    return (data.len(), Stop::NeedMore);
                 }
-                if self.start < self.end && self.frame_left == 0 {
-                    match frame::parse(&self.buf[self.start..self.end]) {
-                        Parsed::Incomplete => {}
-                        Parsed::Invalid(why) => return Poll::Ready(Event::Invalid(why)),
-                        Parsed::Header(h) => {
-                            let buffered = (self.end - self.start) as u64;
-                            if !h.is_control() || buffered >= h.frame_len() {
-                                if !h.is_control() {
-                                    if h.opcode != frame::OP_CONTINUATION {
-                                        self.message_len = 0;
-                                    }
-                                    self.message_len += h.payload_len;
-                                    if limit.is_some_and(|max| self.message_len > max) {
-                                        self.discard = true;
-                                        return Poll::Ready(Event::TooBig);
-                                    }
-                                    if h.fin {
-                                        self.stats.messages += 1;
-                                    }
-                                } else if h.opcode == frame::OP_CLOSE {
-                                    let payload = &self.buf[self.start + h.header_len
-                                        ..self.start + h.frame_len() as usize];
-                                    self.forwarding_close =
-                                        Some(frame::close_code(payload, h.mask));
-                                }
-                                self.frame_left = h.frame_len();
-                            }
-                        }
+                if at == data.len() {
+                    return (at, Stop::NeedMore);
+                }
+                let h = match frame::parse(&data[at..]) {
+                    Parsed::Incomplete => return (at, Stop::NeedMore),
+                    Parsed::Invalid(why) => return (at, Stop::Event(Event::Invalid(why))),
+                    Parsed::Header(h) => h,
+                };
+                if h.is_control() {
+                    // Control frames (at most 139 bytes) are taken whole, to read a Close's code.
+                    if ((data.len() - at) as u64) < h.frame_len() {
+                        return (at, Stop::NeedMore);
+                    }
+                    if h.opcode == frame::OP_CLOSE {
+                        let payload = &data[at + h.header_len..at + h.frame_len() as usize];
+                        self.forwarding_close = Some(frame::close_code(payload, h.mask));
+                    }
+                } else {
+                    if h.opcode != frame::OP_CONTINUATION {
+                        self.message_len = 0;
+                    }
+                    self.message_len += h.payload_len;
+                    if limit.is_some_and(|max| self.message_len > max) {
+                        // The frame is not forwarded: its receiver sees a clean boundary.
+                        self.discard = true;
+                        return (data.len(), Stop::Event(Event::TooBig));
+                    }
+                    if h.fin {
+                        self.stats.messages += 1;
                     }
                 }
-                if self.start < self.end && self.frame_left > 0 {
-                    let n = (self.end - self.start)
-                        .min(self.frame_left.min(usize::MAX as u64) as usize);
-                    let written = match ready!(dst
-                        .as_mut()
-                        .poll_write(cx, &self.buf[self.start..self.start + n]))
-                    {
-                        Ok(0) => {
-                            return Poll::Ready(Event::WriteFailed(io::ErrorKind::WriteZero.into()))
-                        }
-                        Ok(w) => w,
-                        Err(e) => return Poll::Ready(Event::WriteFailed(e)),
-                    };
-                    self.needs_flush = true;
-                    self.start += written;
-                    self.frame_left -= written as u64;
-                    self.stats.bytes += written as u64;
-                    if self.start == self.end {
-                        self.start = 0;
-                        self.end = 0;
-                    }
-                    if self.frame_left == 0 {
-                        if let Some(code) = self.forwarding_close.take() {
-                            self.close_sent = true;
-                            return Poll::Ready(Event::CloseForwarded(code));
-                        }
-                    }
-                    continue;
+                self.frame_left = h.frame_len();
+            }
+            if at == data.len() {
+                return (at, Stop::NeedMore);
+            }
+            let n = (data.len() - at).min(self.frame_left.min(usize::MAX as u64) as usize);
+            let written = match dst.as_mut().poll_write(cx, &data[at..at + n]) {
+                Poll::Pending => return (at, Stop::Blocked),
+                Poll::Ready(Ok(0)) => {
+                    let e = io::ErrorKind::WriteZero.into();
+                    return (at, Stop::Event(Event::WriteFailed(e)));
                 }
+                Poll::Ready(Ok(w)) => w,
+                Poll::Ready(Err(e)) => return (at, Stop::Event(Event::WriteFailed(e))),
+            };
+            self.needs_flush = true;
+            at += written;
+            self.frame_left -= written as u64;
+            self.stats.bytes += written as u64;
+            if self.frame_left == 0 {
+                if let Some(code) = self.forwarding_close.take() {
+                    self.close_sent = true;
+                    return (at, Stop::Event(Event::CloseForwarded(code)));
+                }
+            }
+        }
+    }
 
-                // 3. Everything forwardable is written: flush before waiting for more.
+    fn poll<S, D>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut src: Pin<&mut S>,
+        mut dst: Pin<&mut D>,
+        limit: Option<u64>,
+    ) -> Poll<Event>
+    where
+        S: AsyncRead + ?Sized,
+        D: AsyncWrite + ?Sized,
+    {
+        loop {
+            if !self.write_done {
+                // 1. What is already buffered (and the gateway's own frames) goes first.
+                let pending = std::mem::take(&mut self.pending);
+                let (used, stop) = self.forward(cx, dst.as_mut(), &pending, limit);
+                self.keep_unsent(pending, used);
+                match stop {
+                    Stop::Blocked => return Poll::Pending,
+                    Stop::Event(e) => return Poll::Ready(e),
+                    Stop::NeedMore => {}
+                }
+                // 2. Everything forwardable is written: flush before waiting for more.
                 if self.needs_flush {
                     if let Err(e) = ready!(dst.as_mut().poll_flush(cx)) {
                         return Poll::Ready(Event::WriteFailed(e));
@@ -274,38 +308,61 @@ impl Pump {
                 }
             }
 
-            // 4. Read more: into the free space after a partial header, or discarding.
+            // 3. Read more, into the shared buffer; forward straight from it when possible.
             if self.read_done {
                 return Poll::Pending;
             }
-            if self.write_done || self.discard {
-                self.start = 0;
-                self.end = 0;
-            } else if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            if self.end == self.buf.len() {
-                // Only a partial header or control frame (at most 139 bytes) is ever kept.
-                return Poll::Ready(Event::Invalid("frame header larger than the buffer"));
-            }
-            let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
-            match ready!(src.as_mut().poll_read(cx, &mut rb)) {
-                Ok(()) if rb.filled().is_empty() => {
-                    self.read_done = true;
-                    return Poll::Ready(Event::ReadEnded(None));
+            let step = SCRATCH.with_borrow_mut(|scratch| {
+                let mut rb = ReadBuf::new(scratch);
+                match src.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 || self.write_done || self.discard {
+                            return Poll::Ready(Ok((n, Stop::NeedMore)));
+                        }
+                        self.last_read = Instant::now();
+                        if !self.pending.is_empty() {
+                            // A partial header waits: the new bytes complete it.
+                            self.pending.extend_from_slice(&scratch[..n]);
+                            return Poll::Ready(Ok((n, Stop::NeedMore)));
+                        }
+                        let (used, stop) = self.forward(cx, dst.as_mut(), &scratch[..n], limit);
+                        if !self.discard {
+                            self.pending.extend_from_slice(&scratch[used..n]);
+                        }
+                        Poll::Ready(Ok((n, stop)))
+                    }
                 }
-                Ok(()) => {
-                    self.end += rb.filled().len();
-                    self.last_read = Instant::now();
-                }
-                Err(e) => {
+            });
+            match step {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
                     self.read_done = true;
                     return Poll::Ready(Event::ReadEnded(Some(e)));
                 }
+                Poll::Ready(Ok((0, _))) => {
+                    self.read_done = true;
+                    return Poll::Ready(Event::ReadEnded(None));
+                }
+                Poll::Ready(Ok((_, Stop::Event(e)))) => return Poll::Ready(e),
+                // Blocked: the rest waits in `pending`, and the waker is registered.
+                Poll::Ready(Ok((_, Stop::Blocked))) => return Poll::Pending,
+                Poll::Ready(Ok((_, Stop::NeedMore))) => {}
             }
         }
+    }
+
+    /// Keeps the unwritten tail of `pending`, releasing the allocation once it is all out.
+    fn keep_unsent(&mut self, mut pending: Vec<u8>, used: usize) {
+        if self.discard || used >= pending.len() {
+            return; // dropped: nothing stays allocated while the peers keep up
+        }
+        if used > 0 {
+            pending.drain(..used);
+        }
+        self.pending = pending;
     }
 }
 
@@ -489,4 +546,3 @@ where
         reason,
     }
 }
-
