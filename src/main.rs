@@ -94,11 +94,19 @@ fn init_logging(format: Option<LogFormat>) {
     }
 }
 
+/// One worker per core by default. With `worker_threads = 1` everything runs on the main
+/// thread (a current-thread runtime): no work stealing and no cross-thread wake-ups, which is
+/// what a one-core deployment (or a benchmark pinned to one core) wants.
 fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = worker_threads {
-        builder.worker_threads(n);
-    }
+    let mut builder = match worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder
         .enable_all()
         .build()

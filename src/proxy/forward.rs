@@ -31,6 +31,7 @@ pub async fn forward(
     let (body, slot) = UpstreamBody::new(body, &route.metrics.bytes_in);
     let mut response = send(
         route,
+        conn.id,
         parts.method,
         &parts.uri,
         parts.headers,
@@ -51,8 +52,10 @@ pub async fn forward(
 
 /// Sends a request to the route's next backend, and once more to the one after it if the
 /// first refused the connection (and the body has not started to go out).
+#[allow(clippy::too_many_arguments)] // one request's parts, kept apart to avoid a clone
 pub(super) async fn send(
     route: &Arc<Route>,
+    conn_id: u64,
     method: Method,
     uri: &Uri,
     mut headers: HeaderMap,
@@ -106,7 +109,12 @@ pub(super) async fn send(
             route.all_metrics.connect_failure(backend.as_ref());
         }
         if failure == Failure::Refused && !last && UpstreamBody::unsent(&slot) {
-            tracing::warn!(route = %route.name, %backend, "backend refused the connection, trying the next one");
+            tracing::warn!(
+                conn_id,
+                route = %route.name,
+                %backend,
+                "backend refused the connection, trying the next one"
+            );
             continue;
         }
         failed = Some(failure.into_error(route, backend, error));

@@ -100,10 +100,11 @@ impl Gateway {
             Ok(response) => response,
             Err(error) => {
                 let route = entry.route.as_ref().map_or("-", |r| r.name.as_str());
+                // conn_id is a field, not only the span's: spans are filtered with the level.
                 if error.is_upstream() {
-                    tracing::warn!(route, error = %error, "request failed");
+                    tracing::warn!(conn_id = conn.id, route, error = %error, "request failed");
                 } else {
-                    tracing::debug!(route, error = %error, "request refused");
+                    tracing::debug!(conn_id = conn.id, route, error = %error, "request refused");
                 }
                 error_response(&error)
             }

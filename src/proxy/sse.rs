@@ -201,7 +201,12 @@ impl Body for SseBody {
             Poll::Ready(Some(Err(e))) => {
                 // The backend died mid-stream: end the client's stream cleanly at the end of what
                 // arrived, so EventSource reconnects with Last-Event-ID.
-                tracing::warn!(route = %this.route.name, error = %e, "event stream backend failed");
+                tracing::warn!(
+                    conn_id = this.conn_id,
+                    route = %this.route.name,
+                    error = %e,
+                    "event stream backend failed"
+                );
                 return this.end(Ending::BackendError);
             }
             Poll::Ready(None) => return this.end(Ending::Backend),

@@ -83,6 +83,7 @@ pub async fn bridge(
 
     let mut response = send(
         route,
+        conn.id,
         Method::GET,
         &parts.uri,
         parts.headers,
@@ -94,7 +95,13 @@ pub async fn bridge(
     let backend = backend_used.clone().unwrap_or_default();
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The backend said no: its answer reaches the client as it is.
-        tracing::info!(route = %route.name, %backend, status = response.status().as_u16(), "backend declined the WebSocket handshake");
+        tracing::info!(
+            conn_id = conn.id,
+            route = %route.name,
+            %backend,
+            status = response.status().as_u16(),
+            "backend declined the WebSocket handshake"
+        );
         remove_hop_by_hop(response.headers_mut());
         return Ok(response.map(|body| GatewayBody::Upstream { body }));
     }
@@ -147,7 +154,7 @@ pub async fn bridge(
         let (client, backend_io) = match tokio::try_join!(client_upgrade, backend_upgrade) {
             Ok(pair) => pair,
             Err(e) => {
-                tracing::warn!(route = %route.name, %backend, error = %e, "websocket upgrade failed");
+                tracing::warn!(conn_id, route = %route.name, %backend, error = %e, "websocket upgrade failed");
                 return;
             }
         };
