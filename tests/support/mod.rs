@@ -7,6 +7,7 @@ pub mod client;
 pub mod gateway;
 pub mod pki;
 pub mod process;
+pub mod sse;
 pub mod ws;
 
 use std::future::Future;
