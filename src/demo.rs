@@ -228,7 +228,7 @@ const PAGE: &str = r#"<!doctype html>
 <title>streamgate demo</title>
 <style>
 body { font: 15px/1.5 system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; }
-pre { background: #f4f4f4; padding: .75rem; overflow-x: auto; min-height: 3rem; }
+pre { background: #f4f4f4; padding: .75rem; overflow: auto; min-height: 3rem; max-height: 12rem; }
 h2 { margin-top: 2rem; }
 </style>
 </head>
@@ -257,10 +257,14 @@ backend echoes each message.</p>
 <script>
 const sseOut = document.getElementById('sse-out');
 const source = new EventSource('/events');
-source.addEventListener('tick', (e) => {
-  sseOut.textContent = 'event id ' + e.lastEventId + ': ' + e.data + '\n' + sseOut.textContent.split('\n').slice(0, 4).join('\n');
-});
-source.onerror = () => { sseOut.textContent = 'reconnecting…\n' + sseOut.textContent; };
+const sseLines = [];
+function sseShow(line) {
+  sseLines.unshift(line);
+  sseLines.length = Math.min(sseLines.length, 5);
+  sseOut.textContent = sseLines.join('\n');
+}
+source.addEventListener('tick', (e) => sseShow('event id ' + e.lastEventId + ': ' + e.data));
+source.onerror = () => sseShow('reconnecting… (EventSource sends Last-Event-ID)');
 
 const wsOut = document.getElementById('ws-out');
 const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws');
