@@ -1,4 +1,5 @@
 mod config_errors;
+mod demo;
 mod http_proxy;
 mod listeners;
 mod operations;
