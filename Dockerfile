@@ -22,9 +22,13 @@ RUN rustup target add x86_64-unknown-linux-musl
 WORKDIR /src
 
 # Dependencies first, against stub sources, so that changing src/ does not rebuild them.
+# bench/ is a workspace member (the benchmark); only its manifest is needed, with a stub main,
+# for cargo to load the workspace: the image builds the gateway alone.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+COPY bench/Cargo.toml bench/
+RUN mkdir src bench/src \
     && echo 'fn main() {}' > src/main.rs \
+    && echo 'fn main() {}' > bench/src/main.rs \
     && touch src/lib.rs \
     && cargo build --release --locked --target x86_64-unknown-linux-musl \
     && rm -rf src
