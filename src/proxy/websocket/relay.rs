@@ -91,10 +91,15 @@ struct Pump {
     /// Bytes read but not yet written: a partial frame header, or what the destination could
     /// not take. Empty (and unallocated) most of the time.
     pending: Vec<u8>,
-    /// Bytes of the current frame (header included) not yet written; 0 at a frame boundary.
+    /// Bytes of the current frame (header included) not yet scanned; 0 at a frame boundary.
     frame_left: u64,
-    /// The frame being written is a Close from the source; its code.
+    /// The frame being scanned is a Close from the source; its code.
     forwarding_close: Option<Option<u16>>,
+    /// Bytes at the head of what is to be written that the tracker has already scanned.
+    unsent: usize,
+    /// What to report once the scanned bytes are written (a Close passed, or a frame that
+    /// must not be).
+    after_span: Option<Event>,
     /// Payload bytes of the current data message so far (summed over fragments).
     message_len: u64,
     /// Frames the gateway writes itself, at the next boundary.
@@ -128,6 +133,8 @@ impl Pump {
             pending: Vec::new(),
             frame_left: 0,
             forwarding_close: None,
+            unsent: 0,
+            after_span: None,
             message_len: 0,
             inject: VecDeque::new(),
             inject_at: 0,
@@ -166,8 +173,10 @@ impl Pump {
         self.shutdown_pending = true;
     }
 
-    /// Writes the gateway's own frames (at a boundary) and as much of `data` as `dst` takes,
-    /// a whole header (or whole control frame) at a time. Returns the bytes of `data` used.
+    /// Writes the gateway's own frames (at a boundary) and as much of `data` as `dst` takes.
+    /// Frames are scanned ahead and written in as few writes as possible (one TLS record for a
+    /// run of small messages), but never a partial header, and never past the boundary where a
+    /// frame of the gateway's own waits. Returns the bytes of `data` used.
     fn forward<D>(
         &mut self,
         cx: &mut Context<'_>,
@@ -180,73 +189,60 @@ impl Pump {
     {
         let mut at = 0;
         loop {
-            if self.frame_left == 0 {
-                // The gateway's own frames go out only between frames.
-                if let Some(frame) = self.inject.front() {
-                    let n = match dst.as_mut().poll_write(cx, &frame[self.inject_at..]) {
-                        Poll::Pending => return (at, Stop::Blocked),
-                        Poll::Ready(Ok(0)) => {
-                            let e = io::ErrorKind::WriteZero.into();
-                            return (at, Stop::Event(Event::WriteFailed(e)));
-                        }
-                        Poll::Ready(Ok(n)) => n,
-                        Poll::Ready(Err(e)) => return (at, Stop::Event(Event::WriteFailed(e))),
-                    };
-                    self.needs_flush = true;
-                    self.inject_at += n;
-                    if self.inject_at == frame.len() {
-                        if frame[0] & 0x0F == frame::OP_CLOSE {
-                            // RFC 6455 5.5.1: nothing may follow our Close.
-                            self.close_sent = true;
-                            self.discard = true;
-                            self.shutdown_pending = true;
-                        }
-                        self.inject.pop_front();
-                        self.inject_at = 0;
+            if self.unsent == 0 {
+                match self.after_span.take() {
+                    Some(Event::CloseForwarded(code)) => {
+                        self.close_sent = true;
+                        return (at, Stop::Event(Event::CloseForwarded(code)));
                     }
-                    continue;
+                    Some(e) => {
+                        // Too big or invalid: nothing after this point is forwarded.
+                        self.discard = true;
+                        return (data.len(), Stop::Event(e));
+                    }
+                    None => {}
+                }
+                if self.frame_left == 0 {
+                    if let Some(frame) = self.inject.front() {
+                        let n = match dst.as_mut().poll_write(cx, &frame[self.inject_at..]) {
+                            Poll::Pending => return (at, Stop::Blocked),
+                            Poll::Ready(Ok(0)) => {
+                                let e = io::ErrorKind::WriteZero.into();
+                                return (at, Stop::Event(Event::WriteFailed(e)));
+                            }
+                            Poll::Ready(Ok(n)) => n,
+                            Poll::Ready(Err(e)) => return (at, Stop::Event(Event::WriteFailed(e))),
+                        };
+                        self.needs_flush = true;
+                        self.inject_at += n;
+                        if self.inject_at == frame.len() {
+                            if frame[0] & 0x0F == frame::OP_CLOSE {
+                                // RFC 6455 5.5.1: nothing may follow our Close.
+                                self.close_sent = true;
+                                self.discard = true;
+                                self.shutdown_pending = true;
+                            }
+                            self.inject.pop_front();
+                            self.inject_at = 0;
+                        }
+                        continue;
+                    }
                 }
                 if self.discard {
                     return (data.len(), Stop::NeedMore);
                 }
-                if at == data.len() {
+                let (span, after) = self.scan(&data[at..], limit);
+                self.unsent = span;
+                self.after_span = after;
+                if span == 0 {
+                    if self.after_span.is_some() {
+                        continue;
+                    }
                     return (at, Stop::NeedMore);
                 }
-                let h = match frame::parse(&data[at..]) {
-                    Parsed::Incomplete => return (at, Stop::NeedMore),
-                    Parsed::Invalid(why) => return (at, Stop::Event(Event::Invalid(why))),
-                    Parsed::Header(h) => h,
-                };
-                if h.is_control() {
-                    // Control frames (at most 139 bytes) are taken whole, to read a Close's code.
-                    if ((data.len() - at) as u64) < h.frame_len() {
-                        return (at, Stop::NeedMore);
-                    }
-                    if h.opcode == frame::OP_CLOSE {
-                        let payload = &data[at + h.header_len..at + h.frame_len() as usize];
-                        self.forwarding_close = Some(frame::close_code(payload, h.mask));
-                    }
-                } else {
-                    if h.opcode != frame::OP_CONTINUATION {
-                        self.message_len = 0;
-                    }
-                    self.message_len += h.payload_len;
-                    if limit.is_some_and(|max| self.message_len > max) {
-                        // The frame is not forwarded: its receiver sees a clean boundary.
-                        self.discard = true;
-                        return (data.len(), Stop::Event(Event::TooBig));
-                    }
-                    if h.fin {
-                        self.stats.messages += 1;
-                    }
-                }
-                self.frame_left = h.frame_len();
             }
-            if at == data.len() {
-                return (at, Stop::NeedMore);
-            }
-            let n = (data.len() - at).min(self.frame_left.min(usize::MAX as u64) as usize);
-            let written = match dst.as_mut().poll_write(cx, &data[at..at + n]) {
+            let end = at + self.unsent;
+            let written = match dst.as_mut().poll_write(cx, &data[at..end]) {
                 Poll::Pending => return (at, Stop::Blocked),
                 Poll::Ready(Ok(0)) => {
                     let e = io::ErrorKind::WriteZero.into();
@@ -257,14 +253,66 @@ impl Pump {
             };
             self.needs_flush = true;
             at += written;
-            self.frame_left -= written as u64;
+            self.unsent -= written;
             self.stats.bytes += written as u64;
-            if self.frame_left == 0 {
+        }
+    }
+
+    /// Advances the frame tracker over `data` as far as it may be written in one go: whole
+    /// headers (and whole control frames), then payload. Stops after a Close (reported once it
+    /// is written), before a frame that breaks the size limit or is invalid (reported once what
+    /// comes before it is written), and at the first boundary when a frame waits to be injected.
+    fn scan(&mut self, data: &[u8], limit: Option<u64>) -> (usize, Option<Event>) {
+        let stop_at_boundary = !self.inject.is_empty();
+        let mut pos = 0;
+        loop {
+            if self.frame_left > 0 {
+                let n = (data.len() - pos).min(self.frame_left.min(usize::MAX as u64) as usize);
+                pos += n;
+                self.frame_left -= n as u64;
+                if self.frame_left > 0 {
+                    return (pos, None);
+                }
                 if let Some(code) = self.forwarding_close.take() {
-                    self.close_sent = true;
-                    return (at, Stop::Event(Event::CloseForwarded(code)));
+                    return (pos, Some(Event::CloseForwarded(code)));
+                }
+                if stop_at_boundary {
+                    return (pos, None);
                 }
             }
+            if pos == data.len() {
+                return (pos, None);
+            }
+            let h = match frame::parse(&data[pos..]) {
+                Parsed::Incomplete => return (pos, None),
+                Parsed::Invalid(why) => return (pos, Some(Event::Invalid(why))),
+                Parsed::Header(h) => h,
+            };
+            if h.is_control() {
+                // Control frames (at most 139 bytes) are taken whole, to read a Close's code.
+                if ((data.len() - pos) as u64) < h.frame_len() {
+                    return (pos, None);
+                }
+                if h.opcode == frame::OP_CLOSE {
+                    let payload = &data[pos + h.header_len..pos + h.frame_len() as usize];
+                    self.forwarding_close = Some(frame::close_code(payload, h.mask));
+                }
+            } else {
+                let len = if h.opcode == frame::OP_CONTINUATION {
+                    self.message_len + h.payload_len
+                } else {
+                    h.payload_len
+                };
+                if limit.is_some_and(|max| len > max) {
+                    // The frame is not forwarded: its receiver sees a clean boundary.
+                    return (pos, Some(Event::TooBig));
+                }
+                self.message_len = len;
+                if h.fin {
+                    self.stats.messages += 1;
+                }
+            }
+            self.frame_left = h.frame_len();
         }
     }
 
@@ -356,7 +404,11 @@ impl Pump {
 
     /// Keeps the unwritten tail of `pending`, releasing the allocation once it is all out.
     fn keep_unsent(&mut self, mut pending: Vec<u8>, used: usize) {
-        if self.discard || used >= pending.len() {
+        if self.discard {
+            self.unsent = 0;
+            return;
+        }
+        if used >= pending.len() {
             return; // dropped: nothing stays allocated while the peers keep up
         }
         if used > 0 {
