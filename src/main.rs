@@ -9,6 +9,11 @@ use clap::{Parser, Subcommand};
 use streamgate::config::Config;
 use streamgate::{tls, Listeners};
 
+/// mimalloc rather than the C library's allocator: the request path allocates small, short-
+/// lived buffers on every request, and musl's allocator (the static image's) is slow at that.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A TLS gateway for WebSocket, Server-Sent Events and HTTP services.
 #[derive(Parser)]
 #[command(name = "streamgate", version, about)]
