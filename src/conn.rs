@@ -2,7 +2,9 @@
 //! server (by ALPN) with the protection limits, until the client leaves or the drain ends it.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -98,6 +100,7 @@ impl ConnContext {
             peer,
             tls: true,
             slot: self.slot(slot, "https", &proto),
+            activity: Arc::new(Activity::new()),
         };
         self.serve(tls, conn, proto).await
     }
@@ -115,6 +118,7 @@ impl ConnContext {
             peer,
             tls: false,
             slot: self.slot(slot, "http", &Proto::Auto),
+            activity: Arc::new(Activity::new()),
         };
         self.serve(tcp, conn, Proto::Auto).await
     }
@@ -149,6 +153,7 @@ impl ConnContext {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let gateway = self.gateway.clone();
+        let activity = conn.activity.clone();
         // HTTP/2 streams run in tasks of their own: carry the connection's span into them.
         let span = tracing::Span::current();
         let service = service_fn(move |req| {
@@ -166,6 +171,14 @@ impl ConnContext {
         tokio::pin!(served);
         let result = tokio::select! {
             r = served.as_mut() => r,
+            _ = activity.idle(self.limits.idle_timeout) => {
+                tracing::debug!("idle connection closed");
+                served.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = served.as_mut() => r,
+                    _ = self.drain.cut() => Ok(()),
+                }
+            }
             _ = self.drain.draining() => {
                 // Finish in-flight requests, take no new ones; cut at the end of the grace.
                 served.as_mut().graceful_shutdown();
@@ -212,4 +225,62 @@ pub fn conn_span(id: u64, peer: SocketAddr, listener: &'static str) -> tracing::
         sni = tracing::field::Empty,
         alpn = tracing::field::Empty
     )
+}
+
+/// What is in flight on one client connection, so an idle one can be closed: requests until
+/// their response body is done, and WebSocket tunnels until they end.
+#[derive(Debug)]
+pub struct Activity {
+    in_flight: AtomicUsize,
+    /// Milliseconds since `base` when the connection last became idle.
+    idle_since: AtomicU64,
+    base: Instant,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            base: Instant::now(),
+        }
+    }
+
+    /// Marks one request or tunnel in flight until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(self.clone())
+    }
+
+    /// How long nothing has been in flight (zero while something is).
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let since = Duration::from_millis(self.idle_since.load(Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(since)
+    }
+
+    /// Resolves once the connection has been idle for `timeout`.
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            let idle = self.idle_for();
+            if idle >= timeout {
+                return;
+            }
+            tokio::time::sleep(timeout - idle).await;
+        }
+    }
+}
+
+/// One request or tunnel in flight on a connection.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<Activity>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let now = self.0.base.elapsed().as_millis() as u64;
+        self.0.idle_since.store(now, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -195,3 +195,44 @@ async fn shutdown_lets_in_flight_requests_finish() {
         gw.stopped().await;
     }
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed_busy_ones_are_not() {
+    let mut held = Held::start().await;
+    let echo = Backend::echo("echo").await;
+    let gw = GatewayBuilder::new()
+        .toml("[limits]\nidle_timeout = \"300ms\"")
+        .route(route("/held").to(held.backend.url()))
+        .route(route("/").to(echo.url()))
+        .start()
+        .await;
+
+    // A busy HTTP/2 connection: a response held past the idle timeout (the idle connections
+    // below are closed meanwhile) keeps its connection open.
+    let mut busy = gw.client(Proto::H2, "a.gw.test").await;
+    let req = busy
+        .request(Method::GET, "/held")
+        .body(empty())
+        .expect("valid request");
+    let in_flight = tokio::spawn(async move {
+        let res = busy.fetch(req).await;
+        (busy, res)
+    });
+    held.arrived().await;
+
+    // Idle connections of both protocols, each after one request, are closed.
+    for proto in Proto::ALL {
+        let mut idle = gw.client(proto, "a.gw.test").await;
+        assert_eq!(idle.get("/").await.echo().backend, "echo", "{proto}");
+        idle.closed().await;
+    }
+
+    held.release();
+    let (mut busy, res) = within("the held response", in_flight)
+        .await
+        .expect("request task does not panic");
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(res.body, "released");
+    // Held well past the idle timeout, the connection is still the same one and still serves.
+    assert_eq!(busy.get("/").await.echo().backend, "echo");
+}

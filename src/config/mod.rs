@@ -49,6 +49,9 @@ pub enum HttpMode {
 pub struct Limits {
     /// Time a client has to send a complete request head (slowloris); also ends idle keep-alive.
     pub header_read_timeout: Duration,
+    /// A client connection with no request or stream in flight for this long is closed
+    /// (HTTP/2 gets a GOAWAY); HTTP/1.1 keep-alive is also bounded by `header_read_timeout`.
+    pub idle_timeout: Duration,
     /// Largest request head, in bytes; beyond it HTTP/1.1 clients get 431.
     pub max_header_size: usize,
     pub tls_handshake_timeout: Duration,
@@ -64,6 +67,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
             max_header_size: 32 * 1024,
             tls_handshake_timeout: Duration::from_secs(10),
             max_connections: 10_000,
@@ -309,6 +313,11 @@ impl Located<'_> {
                 "limits.header_read_timeout",
                 &l.header_read_timeout,
                 d.header_read_timeout,
+            )?,
+            idle_timeout: self.duration_or(
+                "limits.idle_timeout",
+                &l.idle_timeout,
+                d.idle_timeout,
             )?,
             // hyper refuses a buffer below 8 KiB.
             max_header_size: self.int_or(

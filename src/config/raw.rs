@@ -35,6 +35,7 @@ pub struct RawListen {
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub header_read_timeout: Option<Text>,
+    pub idle_timeout: Option<Text>,
     pub max_header_size: Option<Spanned<i64>>,
     pub tls_handshake_timeout: Option<Text>,
     pub max_connections: Option<Spanned<i64>>,

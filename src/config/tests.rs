@@ -45,6 +45,7 @@ admin = "127.0.0.1:9900"
 
 [limits]
 header_read_timeout = "5s"
+idle_timeout = "90s"
 max_header_size = 16384
 tls_handshake_timeout = "2s"
 max_connections = 500
@@ -102,6 +103,7 @@ backends = ["http://[::1]:9002"]
     );
 
     assert_eq!(c.limits.header_read_timeout, Duration::from_secs(5));
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(90));
     assert_eq!(c.limits.max_header_size, 16384);
     assert_eq!(c.limits.tls_handshake_timeout, Duration::from_secs(2));
     assert_eq!(c.limits.max_connections, 500);

@@ -27,6 +27,8 @@ pub struct AccessEntry {
     /// A WebSocket or event stream: its lifetime is not a request duration.
     pub stream: bool,
     pub conn_id: u64,
+    /// Keeps the connection from counting as idle until the response body is done.
+    pub active: Option<crate::conn::ActiveGuard>,
     /// Counted here when no route matched.
     pub unrouted: Arc<RouteMetrics>,
 }
@@ -49,6 +51,7 @@ impl AccessEntry {
             complete: false,
             stream: false,
             conn_id: 0,
+            active: None,
             unrouted,
         }
     }

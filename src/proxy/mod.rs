@@ -38,6 +38,8 @@ pub struct ConnInfo {
     /// WebSocket tunnels hold a clone, so an upgraded connection still counts after hyper has
     /// let go of it.
     pub slot: Arc<crate::conn::ConnSlot>,
+    /// Requests and tunnels in flight, for the connection's idle timeout.
+    pub activity: Arc<crate::conn::Activity>,
 }
 
 /// The shared state every request sees: the route table and how the plain listener behaves.
@@ -96,6 +98,7 @@ impl Gateway {
             self.unrouted.clone(),
         );
         entry.conn_id = conn.id;
+        entry.active = Some(conn.activity.begin());
         let response = match self.route(req, &conn, &mut entry).await {
             Ok(response) => response,
             Err(error) => {

@@ -148,6 +148,7 @@ pub async fn bridge(
     let tunnel_drain = drain.clone();
     let conn_id = conn.id;
     let conn_slot = conn.slot.clone();
+    let active = conn.activity.begin();
     drain.spawn(
         async move {
         let start = Instant::now();
@@ -182,6 +183,7 @@ pub async fn bridge(
         );
         drop(slot);
         drop(conn_slot);
+        drop(active);
     }
     .instrument(tracing::Span::current()));
     Ok(reply)
