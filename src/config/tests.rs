@@ -171,6 +171,7 @@ fn minimal_config_gets_the_defaults() {
     assert_eq!(c.listen.admin, None);
 
     assert_eq!(c.limits.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
     assert_eq!(c.limits.max_header_size, 32 * 1024);
     assert_eq!(c.limits.tls_handshake_timeout, Duration::from_secs(10));
     assert_eq!(c.limits.max_connections, 10_000);
