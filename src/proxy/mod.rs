@@ -99,7 +99,9 @@ impl Gateway {
         );
         entry.conn_id = conn.id;
         entry.active = Some(conn.activity.begin());
-        let response = match self.route(req, &conn, &mut entry).await {
+        // Boxed: the routing future is a few KiB, and hyper moves the request future around
+        // (into a task per HTTP/2 stream); a pointer moves cheaper than the state machine.
+        let response = match Box::pin(self.route(req, &conn, &mut entry)).await {
             Ok(response) => response,
             Err(error) => {
                 let route = entry.route.as_ref().map_or("-", |r| r.name.as_str());
