@@ -389,6 +389,17 @@ async fn ws_bad_handshakes_get_400_with_reason_and_never_reach_backend() {
             "one-line reason: {body:?}"
         );
     }
+    // A POST with a valid upgrade is not a handshake (RFC 6455 4.1).
+    let mut client = gw.client(Proto::H1, "gw.test").await;
+    let mut req = client.request(Method::POST, "/ws");
+    for (k, v) in good {
+        req = req.header(k, v);
+    }
+    let got = client
+        .fetch(req.body(empty()).expect("valid request"))
+        .await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST, "POST: {}", got.text());
+    assert!(got.text().contains("method must be GET"), "{}", got.text());
     assert_eq!(
         backend.accepted(),
         0,

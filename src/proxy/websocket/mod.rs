@@ -42,6 +42,10 @@ pub async fn bridge(
         route: route.name.clone(),
         reason,
     };
+    if !h2 && req.method() != Method::GET {
+        // RFC 6455 4.1: the opening handshake is a GET.
+        return Err(bad(format!("method must be GET, got {}", req.method())));
+    }
     check_handshake(req.headers(), h2).map_err(bad)?;
     check_origin(route, req.headers())?;
     let slot = match &route.websocket_slots {
