@@ -42,6 +42,8 @@ pub async fn forward(
     .await?;
     remove_hop_by_hop(response.headers_mut());
     if is_event_stream(response.headers()) {
+        // The gateway may add heartbeats and a retry hint: the length is no longer known.
+        response.headers_mut().remove(header::CONTENT_LENGTH);
         let route = route.clone();
         return Ok(
             response.map(|body| GatewayBody::boxed(SseBody::new(body, route, conn.id, drain)))
