@@ -17,9 +17,10 @@ use crate::metrics::RouteMetrics;
 #[derive(Debug)]
 pub struct AccessEntry {
     pub route: Option<Arc<crate::router::Route>>,
-    pub backend: Option<String>,
+    pub backend: Option<http::uri::Authority>,
     pub method: http::Method,
-    pub path: String,
+    /// The request target as received (a shared handle, not a copy).
+    pub uri: http::Uri,
     pub status: u16,
     pub start: Instant,
     pub bytes_out: u64,
@@ -36,7 +37,7 @@ pub struct AccessEntry {
 impl AccessEntry {
     pub fn new(
         method: &http::Method,
-        path: &str,
+        uri: &http::Uri,
         start: Instant,
         unrouted: Arc<RouteMetrics>,
     ) -> AccessEntry {
@@ -44,7 +45,7 @@ impl AccessEntry {
             route: None,
             backend: None,
             method: method.clone(),
-            path: path.to_string(),
+            uri: uri.clone(),
             status: 0,
             start,
             bytes_out: 0,
@@ -69,9 +70,9 @@ impl Drop for AccessEntry {
             target: "streamgate::access",
             conn_id = self.conn_id,
             route = self.route.as_ref().map_or("-", |r| r.name.as_str()),
-            backend = self.backend.as_deref().unwrap_or("-"),
+            backend = self.backend.as_ref().map_or("-", |b| b.as_str()),
             method = %self.method,
-            path = %self.path,
+            path = self.uri.path_and_query().map_or("/", |pq| pq.as_str()),
             status = self.status,
             duration_ms = self.start.elapsed().as_millis() as u64,
             bytes_out = self.bytes_out,

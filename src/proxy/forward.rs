@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::{self, Authority, PathAndQuery};
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
@@ -24,7 +25,7 @@ pub async fn forward(
     req: Request<Incoming>,
     conn: &ConnInfo,
     drain: &Drain,
-    backend_used: &mut Option<String>,
+    backend_used: &mut Option<Authority>,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     prepare_headers(&mut parts.headers, &parts.uri, conn);
@@ -63,9 +64,9 @@ pub(super) async fn send(
     mut headers: HeaderMap,
     body: UpstreamBody,
     slot: Option<BodySlot>,
-    backend_used: &mut Option<String>,
+    backend_used: &mut Option<Authority>,
 ) -> Result<Response<Incoming>, ProxyError> {
-    let path = route.backend_path(uri.path_and_query().map_or("/", |pq| pq.as_str()));
+    let path = backend_path(route, uri)?;
     let mut body = Some(body);
     // At most two tries, whatever the number of backends.
     let attempts = route.config.backends.len().min(2);
@@ -73,9 +74,14 @@ pub(super) async fn send(
     let mut failed = None;
     while let Some(backend) = tries.next() {
         let last = tries.peek().is_none();
-        let target: Uri = format!("http://{backend}{path}")
-            .parse()
-            .map_err(|_| ProxyError::BadRequest("request target is not a valid URI"))?;
+        let target = Uri::from_parts({
+            let mut parts = uri::Parts::default();
+            parts.scheme = Some(uri::Scheme::HTTP);
+            parts.authority = Some(backend.clone());
+            parts.path_and_query = Some(path.clone());
+            parts
+        })
+        .map_err(|_| ProxyError::BadRequest("request target is not a valid URI"))?;
         let body = body.take().unwrap_or_else(|| match &slot {
             Some(slot) => UpstreamBody::from_slot(slot, &route.metrics.bytes_in),
             None => UpstreamBody::Empty,
@@ -84,13 +90,15 @@ pub(super) async fn send(
         *req.method_mut() = method.clone();
         *req.uri_mut() = target;
         *req.version_mut() = Version::HTTP_11;
+        // A retry needs the headers again (a failed request is not handed back), so routes
+        // with two or more backends pay for one clone per request.
         *req.headers_mut() = if last {
             std::mem::take(&mut headers)
         } else {
             headers.clone()
         };
 
-        *backend_used = Some(backend.to_string());
+        *backend_used = Some(backend.clone());
         let sent = tokio::time::timeout(
             route.config.response_header_timeout,
             route.upstream.request(req),
@@ -124,6 +132,22 @@ pub(super) async fn send(
     }
     // `failed` is None only for a route without backends, which config validation refuses.
     Err(failed.unwrap_or(ProxyError::BadRequest("route has no backends")))
+}
+
+/// The path and query for the backend: the client's, shared as it is, or with the route's
+/// prefix removed when `strip_prefix` is set.
+fn backend_path(route: &Route, uri: &Uri) -> Result<PathAndQuery, ProxyError> {
+    let original = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path = route.backend_path(original.as_str());
+    if path.len() == original.as_str().len() {
+        // Unchanged (stripping always shortens it): share the original, no copy.
+        return Ok(original);
+    }
+    path.parse()
+        .map_err(|_| ProxyError::BadRequest("request target is not a valid URI"))
 }
 
 /// Hop-by-hop headers out, X-Forwarded-* in, and `Host` as the client sent it (an HTTP/2

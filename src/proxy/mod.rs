@@ -93,7 +93,7 @@ impl Gateway {
     ) -> Result<Response<Logged>, Infallible> {
         let mut entry = AccessEntry::new(
             req.method(),
-            req.uri().path_and_query().map_or("/", |pq| pq.as_str()),
+            req.uri(),
             Instant::now(),
             self.unrouted.clone(),
         );
