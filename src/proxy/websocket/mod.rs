@@ -35,7 +35,7 @@ pub async fn bridge(
     mut req: Request<Incoming>,
     conn: &ConnInfo,
     drain: &Drain,
-    backend_used: &mut Option<String>,
+    backend_used: &mut Option<http::uri::Authority>,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let h2 = req.method() == Method::CONNECT;
     let bad = |reason: String| ProxyError::BadHandshake {
@@ -96,7 +96,10 @@ pub async fn bridge(
         backend_used,
     )
     .await?;
-    let backend = backend_used.clone().unwrap_or_default();
+    let backend = backend_used
+        .as_ref()
+        .map(|b| b.to_string())
+        .unwrap_or_default();
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The backend said no: its answer reaches the client as it is.
         tracing::info!(
@@ -142,37 +145,72 @@ pub async fn bridge(
     }
     *reply.headers_mut() = headers;
 
-    let backend_upgrade = hyper::upgrade::on(response);
-    let config = RelayConfig {
-        ping_interval: route.config.websocket.ping_interval,
-        idle_timeout: route.config.websocket.idle_timeout,
-        max_message_size: route.config.websocket.max_message_size,
+    let tunnel = Tunnel {
+        client: client_upgrade,
+        backend: hyper::upgrade::on(response),
+        route: route.clone(),
+        backend_name: backend,
+        conn_id: conn.id,
+        drain: drain.clone(),
+        // Held for the tunnel's life: the route's place, the connection's place under
+        // max_connections, and its count as busy (not idle).
+        _guards: (slot, conn.slot.clone(), conn.activity.begin()),
     };
-    let route = route.clone();
-    let tunnel_drain = drain.clone();
-    let conn_id = conn.id;
-    let conn_slot = conn.slot.clone();
-    let active = conn.activity.begin();
-    drain.spawn(
-        async move {
+    drain.spawn(tunnel.run().instrument(tracing::Span::current()));
+    Ok(reply)
+}
+
+/// One WebSocket after the handshake: both upgrades, relayed, then its access line.
+struct Tunnel {
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    route: Arc<Route>,
+    backend_name: String,
+    conn_id: u64,
+    drain: Drain,
+    _guards: (
+        Option<tokio::sync::OwnedSemaphorePermit>,
+        Arc<crate::conn::ConnSlot>,
+        crate::conn::ActiveGuard,
+    ),
+}
+
+impl Tunnel {
+    async fn run(self) {
+        let (route, backend, conn_id) = (&self.route, &self.backend_name, self.conn_id);
         let start = Instant::now();
-        let (client, backend_io) = match tokio::try_join!(client_upgrade, backend_upgrade) {
+        let (client, backend_io) = match tokio::try_join!(self.client, self.backend) {
             Ok(pair) => pair,
             Err(e) => {
-                tracing::warn!(conn_id, route = %route.name, %backend, error = %e, "websocket upgrade failed");
+                tracing::warn!(
+                    conn_id,
+                    route = %route.name,
+                    %backend,
+                    error = %e,
+                    "websocket upgrade failed"
+                );
                 return;
             }
         };
+        let ws = &route.config.websocket;
+        let config = RelayConfig {
+            ping_interval: ws.ping_interval,
+            idle_timeout: ws.idle_timeout,
+            max_message_size: ws.max_message_size,
+        };
         let metrics = &route.metrics;
         metrics.websockets.inc();
-        let stats = relay(TokioIo::new(client), TokioIo::new(backend_io), config, &tunnel_drain).await;
+        let (client, backend_io) = (TokioIo::new(client), TokioIo::new(backend_io));
+        let stats = relay(client, backend_io, config, &self.drain).await;
         metrics.websockets.dec();
-        metrics.websocket_lifetime.observe(start.elapsed().as_secs_f64());
+        metrics
+            .websocket_lifetime
+            .observe(start.elapsed().as_secs_f64());
         metrics.bytes_in.inc_by(stats.to_backend.bytes);
         metrics.bytes_out.inc_by(stats.to_client.bytes);
         tracing::info!(
             target: "streamgate::access",
-            conn_id = conn_id,
+            conn_id,
             route = %route.name,
             %backend,
             duration_ms = start.elapsed().as_millis() as u64,
@@ -181,16 +219,11 @@ pub async fn bridge(
             messages_to_client = stats.to_client.messages,
             bytes_to_client = stats.to_client.bytes,
             closed_by = stats.closed_by.as_str(),
-            close_code = stats.close_code.map_or(1006, |c| c),
+            close_code = stats.close_code.unwrap_or(1006),
             reason = stats.reason.unwrap_or("-"),
             "websocket"
         );
-        drop(slot);
-        drop(conn_slot);
-        drop(active);
     }
-    .instrument(tracing::Span::current()));
-    Ok(reply)
 }
 
 /// RFC 6455 4.2.1 (HTTP/1.1) and RFC 8441 4 (HTTP/2): the reason is the body of the 400.

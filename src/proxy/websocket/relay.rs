@@ -440,9 +440,7 @@ where
 {
     let mut up = Pump::new(true); // client -> backend
     let mut down = Pump::new(false); // backend -> client
-    let mut closed_by: Option<ClosedBy> = None;
-    let mut close_code: Option<u16> = None;
-    let mut reason: Option<&'static str> = None;
+    let mut outcome = Outcome::default();
 
     // One timer for the idle timeout, reused as the linger deadline once closing.
     let mut closing = false;
@@ -453,10 +451,17 @@ where
         .unwrap_or(Duration::from_secs(86_400 * 365));
     let ping = tokio::time::sleep(ping_every);
     tokio::pin!(ping);
+    // Starts the close: peers get LINGER to finish it, then the relay ends.
+    let linger = |closing: &mut bool, deadline: Pin<&mut tokio::time::Sleep>| {
+        if !*closing {
+            *closing = true;
+            deadline.reset(Instant::now() + LINGER);
+        }
+    };
     let mut drained = drain.is_draining();
     if drained {
-        up.push_close(frame::CLOSE_GOING_AWAY, "server shutting down");
-        down.push_close(frame::CLOSE_GOING_AWAY, "server shutting down");
+        outcome.gateway(frame::CLOSE_GOING_AWAY, "shutdown");
+        close_both(&mut up, &mut down, "server shutting down");
     }
 
     loop {
@@ -477,13 +482,9 @@ where
                 }
                 let last = up.last_read.max(down.last_read);
                 if last.elapsed() >= config.idle_timeout {
-                    closed_by.get_or_insert(ClosedBy::Gateway);
-                    close_code.get_or_insert(frame::CLOSE_GOING_AWAY);
-                    reason.get_or_insert("idle timeout");
-                    up.push_close(frame::CLOSE_GOING_AWAY, "idle timeout");
-                    down.push_close(frame::CLOSE_GOING_AWAY, "idle timeout");
-                    closing = true;
-                    deadline.as_mut().reset(Instant::now() + LINGER);
+                    outcome.gateway(frame::CLOSE_GOING_AWAY, "idle timeout");
+                    close_both(&mut up, &mut down, "idle timeout");
+                    linger(&mut closing, deadline.as_mut());
                 } else {
                     deadline.as_mut().reset(last + config.idle_timeout);
                 }
@@ -500,11 +501,8 @@ where
             }
             _ = drain.draining(), if !drained => {
                 drained = true;
-                closed_by.get_or_insert(ClosedBy::Gateway);
-                close_code.get_or_insert(frame::CLOSE_GOING_AWAY);
-                reason.get_or_insert("shutdown");
-                up.push_close(frame::CLOSE_GOING_AWAY, "server shutting down");
-                down.push_close(frame::CLOSE_GOING_AWAY, "server shutting down");
+                outcome.gateway(frame::CLOSE_GOING_AWAY, "shutdown");
+                close_both(&mut up, &mut down, "server shutting down");
                 // Peers get the grace period to answer; the cut ends what is left.
                 continue;
             }
@@ -518,26 +516,21 @@ where
         };
         match event {
             Event::CloseForwarded(code) => {
-                if closed_by.is_none() {
-                    closed_by = Some(side);
-                    close_code = code;
-                }
-                if to.close_sent && !closing {
+                outcome.peer(side, code);
+                if to.close_sent {
                     // Both Closes have passed: the handshake is complete; peers close TCP now.
-                    closing = true;
-                    deadline.as_mut().reset(Instant::now() + LINGER);
+                    linger(&mut closing, deadline.as_mut());
                 }
             }
             Event::ReadEnded(error) => {
                 if let Some(e) = error {
                     tracing::debug!(from = side.as_str(), error = %e, "websocket read failed");
                 }
-                if !from.close_sent && closed_by.is_none() {
-                    closed_by = Some(side);
-                    if side == ClosedBy::Backend {
-                        // The backend died or closed without a Close: tell the client 1011.
-                        close_code = Some(frame::CLOSE_INTERNAL_ERROR);
-                    }
+                if !from.close_sent {
+                    // The backend died or closed without a Close: the client is told 1011. A
+                    // client that vanished has no code (1006 in the log).
+                    let code = (side == ClosedBy::Backend).then_some(frame::CLOSE_INTERNAL_ERROR);
+                    outcome.peer(side, code);
                 }
                 if from.frame_left > 0 {
                     // Cut mid-frame: no frame can follow, so the connection just closes.
@@ -552,40 +545,32 @@ where
                     from.push_close(code, why);
                 }
                 from.finish();
-                if !closing {
-                    closing = true;
-                    deadline.as_mut().reset(Instant::now() + LINGER);
-                }
+                linger(&mut closing, deadline.as_mut());
             }
             Event::WriteFailed(e) => {
-                tracing::debug!(to = if side == ClosedBy::Client { "backend" } else { "client" }, error = %e, "websocket write failed");
+                let to_name = match side {
+                    ClosedBy::Client => "backend",
+                    _ => "client",
+                };
+                tracing::debug!(to = to_name, error = %e, "websocket write failed");
                 // The destination is gone: nothing more can be said to it.
                 from.write_done = true;
                 from.discard = true;
-                if !closing {
-                    closing = true;
-                    deadline.as_mut().reset(Instant::now() + LINGER);
-                }
+                linger(&mut closing, deadline.as_mut());
             }
             Event::TooBig => {
-                closed_by.get_or_insert(ClosedBy::Gateway);
-                close_code.get_or_insert(frame::CLOSE_TOO_BIG);
-                reason.get_or_insert("message too big");
+                outcome.gateway(frame::CLOSE_TOO_BIG, "message too big");
                 // 1009 to the sender, 1001 to the receiver, each at its own frame boundary.
                 to.push_close(frame::CLOSE_TOO_BIG, "message too big");
                 from.push_close(frame::CLOSE_GOING_AWAY, "peer sent a message too big");
-                closing = true;
-                deadline.as_mut().reset(Instant::now() + LINGER);
+                linger(&mut closing, deadline.as_mut());
             }
             Event::Invalid(why) => {
-                closed_by.get_or_insert(ClosedBy::Gateway);
-                close_code.get_or_insert(frame::CLOSE_PROTOCOL_ERROR);
-                reason.get_or_insert(why);
+                outcome.gateway(frame::CLOSE_PROTOCOL_ERROR, why);
                 from.discard = true;
                 to.push_close(frame::CLOSE_PROTOCOL_ERROR, "invalid frame");
                 from.push_close(frame::CLOSE_GOING_AWAY, "peer sent an invalid frame");
-                closing = true;
-                deadline.as_mut().reset(Instant::now() + LINGER);
+                linger(&mut closing, deadline.as_mut());
             }
         }
     }
@@ -593,8 +578,41 @@ where
     RelayStats {
         to_backend: up.stats,
         to_client: down.stats,
-        closed_by: closed_by.unwrap_or(ClosedBy::Gateway),
-        close_code,
-        reason,
+        closed_by: outcome.closed_by.unwrap_or(ClosedBy::Gateway),
+        close_code: outcome.close_code,
+        reason: outcome.reason,
     }
+}
+
+/// Who ended the connection first, and how: the first ending recorded wins.
+#[derive(Default)]
+struct Outcome {
+    closed_by: Option<ClosedBy>,
+    close_code: Option<u16>,
+    reason: Option<&'static str>,
+}
+
+impl Outcome {
+    /// A peer closed (with a Close frame's code) or vanished.
+    fn peer(&mut self, side: ClosedBy, code: Option<u16>) {
+        if self.closed_by.is_none() {
+            self.closed_by = Some(side);
+            self.close_code = code;
+        }
+    }
+
+    /// The gateway closed, sending `code`, because of `reason`.
+    fn gateway(&mut self, code: u16, reason: &'static str) {
+        if self.closed_by.is_none() {
+            self.closed_by = Some(ClosedBy::Gateway);
+            self.close_code = Some(code);
+            self.reason = Some(reason);
+        }
+    }
+}
+
+/// Close 1001 to both peers, each at its own next frame boundary.
+fn close_both(up: &mut Pump, down: &mut Pump, why: &str) {
+    up.push_close(frame::CLOSE_GOING_AWAY, why);
+    down.push_close(frame::CLOSE_GOING_AWAY, why);
 }
