@@ -254,14 +254,10 @@ fn log_startup(config: &Config, certs: &[LoadedCert], listeners: &Listeners, rou
         tracing::info!(%addr, mode = ?config.listen.http_mode, "listening (plain HTTP)");
     }
     for c in certs {
-        if c.expired {
-            tracing::warn!(source = %c.source, names = ?c.names, not_after = %c.not_after, "certificate has expired: clients will refuse it");
-        } else {
-            tracing::info!(source = %c.source, names = ?c.names, not_after = %c.not_after, "certificate");
-        }
+        c.log();
     }
     for r in router.routes() {
-        let backends: Vec<String> = r.config.backends.iter().map(|b| b.to_string()).collect();
-        tracing::info!(route = %r.name, backends = ?backends, strip_prefix = r.config.strip_prefix, "route");
+        let backends = r.config.backend_list();
+        tracing::info!(route = %r.name, %backends, strip_prefix = r.config.strip_prefix, "route");
     }
 }

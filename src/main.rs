@@ -142,13 +142,13 @@ fn check(path: &Path) -> anyhow::Result<()> {
     let router = streamgate::router::Router::new(&config.routes, &metrics);
     println!("routes, in match order:");
     for r in router.routes() {
-        let backends: Vec<String> = r.config.backends.iter().map(|b| b.to_string()).collect();
+        let backends = r.config.backend_list();
         let strip = if r.config.strip_prefix {
             "  (strip prefix)"
         } else {
             ""
         };
-        println!("  {:<32} -> {}{strip}", r.name, backends.join(", "));
+        println!("  {:<32} -> {backends}{strip}", r.name);
     }
     Ok(())
 }

@@ -61,8 +61,8 @@ impl Reloader {
         let router = Router::new(&config.routes, &self.gateway.metrics);
         self.certs.replace(&certs)?;
         self.gateway.replace_router(router);
-        for c in certs.iter().filter(|c| c.expired) {
-            tracing::warn!(source = %c.source, not_after = %c.not_after, "certificate has expired: clients will refuse it");
+        for c in &certs {
+            c.log();
         }
         if let Ok(mut running) = self.running.lock() {
             warn_restart_only(&running, &config);

@@ -64,6 +64,18 @@ pub struct LoadedCert {
     pub key: Arc<CertifiedKey>,
 }
 
+impl LoadedCert {
+    /// Logs the certificate's names and expiry; an expired one as a warning.
+    pub fn log(&self) {
+        let (source, names, not_after) = (&self.source, &self.names, &self.not_after);
+        if self.expired {
+            tracing::warn!(%source, ?names, %not_after, "certificate has expired: clients will refuse it");
+        } else {
+            tracing::info!(%source, ?names, %not_after, "certificate");
+        }
+    }
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

@@ -121,6 +121,12 @@ pub struct RouteConfig {
 }
 
 impl RouteConfig {
+    /// The backends as the file lists them, comma-separated, for logs and `check`.
+    pub fn backend_list(&self) -> String {
+        let names: Vec<&str> = self.backends.iter().map(|b| b.as_str()).collect();
+        names.join(", ")
+    }
+
     /// A short name for logs and error bodies: `chat.example.com/ws` or `*/api`.
     pub fn name(&self) -> String {
         let host = match &self.host {

@@ -6,7 +6,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -103,15 +102,12 @@ pub struct SseBody {
     route: Arc<Route>,
     conn_id: u64,
     boundary: Boundary,
-    heartbeat: Option<Duration>,
-    idle_timeout: Duration,
     /// Fires at the next heartbeat or idle check.
     timer: Pin<Box<Sleep>>,
     last_backend: Instant,
     draining: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Shutdown has begun: end at the next event boundary.
     closing: bool,
-    retry_hint: Option<Duration>,
     ended: Option<Ending>,
     start: Instant,
     events: u64,
@@ -123,8 +119,8 @@ impl SseBody {
         let SseConfig {
             heartbeat,
             idle_timeout,
-            shutdown_retry,
-        } = route.config.sse.clone();
+            ..
+        } = route.config.sse;
         let now = Instant::now();
         let first = heartbeat.map_or(idle_timeout, |h| h.min(idle_timeout));
         route.metrics.sse_streams.inc();
@@ -133,13 +129,10 @@ impl SseBody {
             route,
             conn_id,
             boundary: Boundary::default(),
-            heartbeat,
-            idle_timeout,
             timer: Box::pin(tokio::time::sleep_until(now + first)),
             last_backend: now,
             draining: Box::pin(drain.draining_owned()),
             closing: false,
-            retry_hint: shutdown_retry,
             ended: None,
             start: now,
             events: 0,
@@ -156,7 +149,7 @@ impl SseBody {
     /// The stream ends here: a final `retry:` hint on shutdown, when configured, then the end.
     fn end(&mut self, ending: Ending) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.ended = Some(ending);
-        if let (Ending::Shutdown, Some(retry)) = (ending, self.retry_hint.take()) {
+        if let (Ending::Shutdown, Some(retry)) = (ending, self.route.config.sse.shutdown_retry) {
             let hint = format!("retry: {}\n\n", retry.as_millis());
             return self.send(Bytes::from(hint));
         }
@@ -214,14 +207,19 @@ impl Body for SseBody {
         }
 
         // The backend is quiet: heartbeat or idle timeout, whichever is due.
+        let SseConfig {
+            heartbeat,
+            idle_timeout,
+            ..
+        } = this.route.config.sse;
         while this.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             let quiet = now - this.last_backend;
-            if quiet >= this.idle_timeout {
+            if quiet >= idle_timeout {
                 return this.end(Ending::Idle);
             }
-            let mut next = this.last_backend + this.idle_timeout;
-            if let Some(every) = this.heartbeat {
+            let mut next = this.last_backend + idle_timeout;
+            if let Some(every) = heartbeat {
                 if quiet >= every && this.boundary.at_event_boundary() {
                     // A heartbeat counts as the backend's silence continuing, not as activity:
                     // the next one is due a full interval from now.
