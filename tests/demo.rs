@@ -1,6 +1,6 @@
 //! The built-in demo, run as a newcomer runs it (`streamgate demo`): the page, the HTTP echo,
 //! the WebSocket echo and the event stream all answer over TLS, with the certificate whose
-//! fingerprint the command printed.
+//! fingerprint the command printed (the client trusts exactly that certificate).
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -9,85 +9,24 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::support::pki::pinned_client_config;
 use crate::support::within;
 
-/// Accepts any certificate: the demo's is self-signed, and the test checks its fingerprint
-/// against the one the command printed instead.
-#[derive(Debug)]
-struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+fn connector(fingerprint: &[u8], alpn: &[u8]) -> TlsConnector {
+    TlsConnector::from(Arc::new(pinned_client_config(fingerprint, alpn)))
 }
 
-fn connector(alpn: &[u8]) -> TlsConnector {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    TlsConnector::from(Arc::new(config))
-}
-
-fn sha256_hex(der: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, der)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
+/// `AB:CD:...` as printed by the demo, as bytes.
+fn parse_fingerprint(hex: &str) -> Vec<u8> {
+    hex.split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|_| panic!("not hex: {hex:?}")))
+        .collect()
 }
 
 #[tokio::test]
@@ -115,11 +54,8 @@ async fn demo_serves_page_echo_websocket_and_events() {
         .await
         .expect("stdout readable")
         .expect("the demo prints the fingerprint");
-    let printed = fingerprint_line
-        .rsplit(' ')
-        .next()
-        .expect("a fingerprint")
-        .to_string();
+    let printed = parse_fingerprint(fingerprint_line.rsplit(' ').next().expect("a fingerprint"));
+    assert_eq!(printed.len(), 32, "a SHA-256: {fingerprint_line}");
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let name = ServerName::try_from("localhost").expect("valid name");
 
@@ -127,15 +63,13 @@ async fn demo_serves_page_echo_websocket_and_events() {
     let tcp = within("TCP connect", TcpStream::connect(addr))
         .await
         .expect("the demo accepts");
-    let tls = within("TLS handshake", connector(b"h2").connect(name.clone(), tcp))
-        .await
-        .expect("TLS handshake");
-    let leaf = tls.get_ref().1.peer_certificates().expect("a certificate")[0].clone();
-    assert_eq!(
-        sha256_hex(&leaf),
-        printed,
-        "the certificate is the one printed"
-    );
+    // The client trusts only the certificate with the printed fingerprint.
+    let tls = within(
+        "TLS handshake",
+        connector(&printed, b"h2").connect(name.clone(), tcp),
+    )
+    .await
+    .expect("TLS handshake: the demo presents the certificate it printed");
     let (mut h2, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         TokioIo::new(tls),
@@ -214,7 +148,7 @@ async fn demo_serves_page_echo_websocket_and_events() {
 
     // The WebSocket echo, over HTTP/1.1.
     let tcp = TcpStream::connect(addr).await.expect("the demo accepts");
-    let tls = connector(b"http/1.1")
+    let tls = connector(&printed, b"http/1.1")
         .connect(name, tcp)
         .await
         .expect("TLS handshake");
