@@ -9,6 +9,7 @@ use http::uri::{self, Authority, PathAndQuery};
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
+use super::access::AccessEntry;
 use super::body::{BodySlot, GatewayBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers::{add_forwarded, remove_hop_by_hop};
@@ -19,13 +20,13 @@ use crate::router::Route;
 use crate::upstream::{classify, Failure};
 
 /// Forwards `req` on `route` and returns the backend's response with its body streaming.
-/// `backend_used` is set to the backend that answered, for the access log.
+/// `entry` learns the backend that answered, and whether the response is an event stream.
 pub async fn forward(
     route: &Arc<Route>,
     req: Request<Incoming>,
     conn: &ConnInfo,
     drain: &Drain,
-    backend_used: &mut Option<Authority>,
+    entry: &mut AccessEntry,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     prepare_headers(&mut parts.headers, &parts.uri, conn);
@@ -38,13 +39,14 @@ pub async fn forward(
         parts.headers,
         body,
         slot,
-        backend_used,
+        &mut entry.backend,
     )
     .await?;
     remove_hop_by_hop(response.headers_mut());
     if is_event_stream(response.headers()) {
         // The gateway may add heartbeats and a retry hint: the length is no longer known.
         response.headers_mut().remove(header::CONTENT_LENGTH);
+        entry.stream = true;
         let route = route.clone();
         return Ok(
             response.map(|body| GatewayBody::boxed(SseBody::new(body, route, conn.id, drain)))

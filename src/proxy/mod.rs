@@ -115,9 +115,6 @@ impl Gateway {
             }
         };
         entry.status = response.status().as_u16();
-        entry.stream = entry.status == 101
-            || (entry.status == 200 && entry.method == Method::CONNECT)
-            || sse::is_event_stream(response.headers());
         Ok(response.map(|body| Logged::new(body, entry)))
     }
 
@@ -150,9 +147,9 @@ impl Gateway {
             .clone();
         entry.route = Some(route.clone());
         if is_websocket {
-            websocket::bridge(&route, req, conn, &self.drain, &mut entry.backend).await
+            websocket::bridge(&route, req, conn, &self.drain, entry).await
         } else {
-            forward::forward(&route, req, conn, &self.drain, &mut entry.backend).await
+            forward::forward(&route, req, conn, &self.drain, entry).await
         }
     }
 

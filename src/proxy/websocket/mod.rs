@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 use tracing::Instrument;
 
+use super::access::AccessEntry;
 use super::body::{GatewayBody, UpstreamBody};
 use super::error::ProxyError;
 use super::forward::{prepare_headers, send};
@@ -35,7 +36,7 @@ pub async fn bridge(
     mut req: Request<Incoming>,
     conn: &ConnInfo,
     drain: &Drain,
-    backend_used: &mut Option<http::uri::Authority>,
+    entry: &mut AccessEntry,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let h2 = req.method() == Method::CONNECT;
     let bad = |reason: String| ProxyError::BadHandshake {
@@ -93,10 +94,11 @@ pub async fn bridge(
         parts.headers,
         UpstreamBody::Empty,
         None,
-        backend_used,
+        &mut entry.backend,
     )
     .await?;
-    let backend = backend_used
+    let backend = entry
+        .backend
         .as_ref()
         .map(|b| b.to_string())
         .unwrap_or_default();
@@ -144,6 +146,8 @@ pub async fn bridge(
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     *reply.headers_mut() = headers;
+    // The tunnel's own access line reports its lifetime.
+    entry.stream = true;
 
     let tunnel = Tunnel {
         client: client_upgrade,
