@@ -4,15 +4,20 @@
 //! - [`config`]: the TOML file, parsed and validated into [`config::Config`].
 //! - [`tls`]: certificates, SNI selection, the rustls server config.
 //! - [`listener`]: accept loops and the connection cap; [`conn`]: one client connection.
-//! - [`router`]: the route table; [`upstream`]: the pooled backend client.
+//! - [`router`]: the route table.
+//! - [`upstream`]: each route's backends: balancing policies, the keep-alive pool (driven by
+//!   the request's own task), active health checks, passive ejection and DNS discovery.
 //! - [`proxy`]: the request path (forwarding, headers, errors, access log).
-//! - [`drain`]: shutdown; [`reload`]: live reload; [`admin`] and [`metrics`]: health and
-//!   Prometheus metrics; [`demo`]: the built-in demo.
+//! - [`drain`]: shutdown; [`reload`]: live reload (keeps what did not change); [`admin`] and
+//!   [`metrics`]: health, Prometheus metrics, `/backends` and the dashboard; [`demo`]: the
+//!   built-in demo.
 //!
 //! # Request flow
 //! accept ([`listener`]) -> TLS handshake under a deadline ([`conn`]) -> hyper h1/h2 by ALPN
 //! -> [`proxy::Gateway::handle`] -> [`router::Router::find`] -> [`proxy::forward`] ->
-//! [`upstream`] pool -> the backend's response, streamed back frame by frame.
+//! [`upstream::Upstream::pick`] (policy, health) -> [`upstream::pool`] connection, polled by
+//! this request's task -> the backend's response, streamed back frame by frame; a try that
+//! could not have had any effect goes to another backend.
 //!
 //! [`Server`] is what `main` runs and what the integration tests drive: bound listeners, a
 //! validated config, loaded certificates and a shutdown future.
@@ -96,6 +101,8 @@ pub struct Server {
     ready: Arc<Readiness>,
     reloader: Option<Arc<Reloader>>,
     hangup: Option<tokio::signal::unix::Signal>,
+    /// What routes need to build their backends; a reload builds with it too.
+    fleet: upstream::UpstreamContext,
 }
 
 impl Server {
@@ -108,9 +115,15 @@ impl Server {
         let tls = tls::server_config(store.clone())?;
         let https_port = listeners.https.local_addr().map_or(443, |a| a.port());
         let metrics = Arc::new(Metrics::new());
-        let router = Router::new(&config.routes, &metrics);
-        log_startup(&config, certs, &listeners, &router);
         let drain = Drain::new();
+        let fleet = upstream::UpstreamContext {
+            metrics: metrics.clone(),
+            drain: drain.clone(),
+            resolver: resolver_for(&config),
+            refresh: config.resolver.refresh,
+        };
+        let router = Router::new(&config.routes, &fleet, None);
+        log_startup(&config, certs, &listeners, &router);
         let gateway = Arc::new(Gateway::new(
             router,
             config.listen.http_mode,
@@ -129,6 +142,7 @@ impl Server {
             ready: Arc::new(Readiness::default()),
             reloader: None,
             hangup: None,
+            fleet,
         })
     }
 
@@ -151,6 +165,7 @@ impl Server {
             gateway: self.gateway.clone(),
             certs: self.certs.clone(),
             running: std::sync::Mutex::new(self.config.clone()),
+            fleet: std::sync::Mutex::new(self.fleet.clone()),
         })
     }
 
@@ -193,11 +208,7 @@ impl Server {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "admin listening: /healthz /readyz /metrics");
             }
-            tokio::spawn(admin::serve(
-                l,
-                self.gateway.metrics.clone(),
-                self.ready.clone(),
-            ))
+            tokio::spawn(admin::serve(l, self.gateway.clone(), self.ready.clone()))
         });
         if let Some(reloader) = &self.reloader {
             tokio::spawn(reloader.clone().watch(self.hangup, self.drain.clone()));
@@ -246,6 +257,25 @@ pub async fn serve(
     Ok(())
 }
 
+/// The DNS resolver for `discover = "dns"` backends, when a route has one. A resolver that
+/// cannot be set up is a warning: those backends stay empty, the rest of the gateway serves.
+pub fn resolver_for(config: &Config) -> Option<Arc<upstream::discovery::Resolver>> {
+    let needed = config
+        .routes
+        .iter()
+        .any(|r| r.backends.iter().any(|b| b.discover));
+    if !needed {
+        return None;
+    }
+    match upstream::discovery::Resolver::new(&config.resolver) {
+        Ok(r) => Some(Arc::new(r)),
+        Err(e) => {
+            tracing::warn!(error = %proxy::error::error_chain(&e), "cannot set up DNS discovery; discovered backends get no addresses");
+            None
+        }
+    }
+}
+
 fn log_startup(config: &Config, certs: &[LoadedCert], listeners: &Listeners, router: &Router) {
     if let Ok(addr) = listeners.https.local_addr() {
         tracing::info!(%addr, protocols = "h2, http/1.1", "listening (TLS)");
@@ -258,6 +288,6 @@ fn log_startup(config: &Config, certs: &[LoadedCert], listeners: &Listeners, rou
     }
     for r in router.routes() {
         let backends = r.config.backend_list();
-        tracing::info!(route = %r.name, %backends, strip_prefix = r.config.strip_prefix, "route");
+        tracing::info!(route = %r.name, balance = r.config.balance.name(), %backends, strip_prefix = r.config.strip_prefix, "route");
     }
 }

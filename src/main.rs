@@ -138,18 +138,68 @@ fn check(path: &Path) -> anyhow::Result<()> {
             c.source, c.names, c.not_after
         );
     }
-    let metrics = std::sync::Arc::new(streamgate::metrics::Metrics::new());
-    let router = streamgate::router::Router::new(&config.routes, &metrics);
-    println!("routes, in match order:");
-    for r in router.routes() {
-        let backends = r.config.backend_list();
-        let strip = if r.config.strip_prefix {
-            "  (strip prefix)"
-        } else {
-            ""
+    // A runtime of its own: building routes starts health checkers, and DNS names are looked up.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let resolver = streamgate::resolver_for(&config);
+        let ctx = streamgate::upstream::UpstreamContext {
+            metrics: std::sync::Arc::new(streamgate::metrics::Metrics::new()),
+            drain: streamgate::drain::Drain::new(),
+            resolver: resolver.clone(),
+            refresh: config.resolver.refresh,
         };
-        println!("  {:<32} -> {backends}{strip}", r.name);
-    }
+        let router = streamgate::router::Router::new(&config.routes, &ctx, None);
+        println!("routes, in match order:");
+        for r in router.routes() {
+            let c = &r.config;
+            let mut policy = format!("balance {}", c.balance.name());
+            if let streamgate::config::Balance::Hash(key) = &c.balance {
+                policy.push_str(&format!(" on {key}"));
+            }
+            policy.push_str(&format!(", retries {}", c.retries));
+            if let Some(s) = c.slow_start {
+                policy.push_str(&format!(", slow start {}", humantime::format_duration(s)));
+            }
+            if let Some(h) = &c.health {
+                policy.push_str(&format!(
+                    ", health check {} every {}",
+                    h.path,
+                    humantime::format_duration(h.interval)
+                ));
+            }
+            if c.strip_prefix {
+                policy.push_str(", strip prefix");
+            }
+            println!("  {}  ({policy})", r.name);
+            for b in &c.backends {
+                let weight = format!("weight {}", b.weight);
+                if !b.discover {
+                    println!("      -> {}  {weight}", b.url);
+                    continue;
+                }
+                let found = match &resolver {
+                    None => "no DNS resolver could be set up (warning)".to_string(),
+                    Some(res) => match tokio::time::timeout(
+                        std::time::Duration::from_secs(3),
+                        res.resolve(b.authority.host()),
+                    )
+                    .await
+                    {
+                        Ok(Ok(found)) => {
+                            let addrs: Vec<String> =
+                                found.addrs.iter().map(|a| a.to_string()).collect();
+                            format!("now {}", addrs.join(", "))
+                        }
+                        Ok(Err(e)) => format!("does not resolve yet (warning): {e}"),
+                        Err(_) => "DNS did not answer within 3s (warning)".to_string(),
+                    },
+                };
+                println!("      -> {}  {weight}, discovered by DNS: {found}", b.url);
+            }
+        }
+    });
     Ok(())
 }
 

@@ -43,9 +43,25 @@ pub struct BackendLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteBackendLabels {
+    pub route: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendRequestLabels {
+    pub route: String,
+    pub backend: String,
+    pub code_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
+
+/// Status classes, in the order of the per-class counter arrays.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -67,6 +83,13 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     pub request_duration: Histograms<RouteLabel>,
     pub stream_lifetime: Histograms<StreamLabels>,
+    pub backend_open: Family<RouteBackendLabels, Gauge>,
+    pub backend_up: Family<RouteBackendLabels, Gauge>,
+    pub backend_requests: Family<BackendRequestLabels, Counter>,
+    pub backend_ejections: Family<RouteBackendLabels, Counter>,
+    /// How many live backends use each label set: removed from the exposition at zero, so
+    /// addresses that DNS no longer lists do not pile up.
+    backend_users: std::sync::Mutex<std::collections::HashMap<RouteBackendLabels, usize>>,
 }
 
 impl Default for Metrics {
@@ -89,6 +112,11 @@ impl Metrics {
             reloads: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
             stream_lifetime: Family::new_with_constructor(duration_histogram),
+            backend_open: Family::default(),
+            backend_up: Family::default(),
+            backend_requests: Family::default(),
+            backend_ejections: Family::default(),
+            backend_users: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -141,7 +169,80 @@ impl Metrics {
             "Lifetime of WebSocket tunnels and SSE streams, by route and kind",
             m.stream_lifetime.clone(),
         );
+        registry.register(
+            "backend_open",
+            "Requests in flight, WebSockets and SSE streams open on a backend",
+            m.backend_open.clone(),
+        );
+        registry.register(
+            "backend_up",
+            "Whether a backend takes new work (1) or not (0: unhealthy, ejected or draining)",
+            m.backend_up.clone(),
+        );
+        registry.register(
+            "backend_requests",
+            "Responses from a backend by status class",
+            m.backend_requests.clone(),
+        );
+        registry.register(
+            "backend_ejections",
+            "Times a backend was ejected by passive health checking",
+            m.backend_ejections.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// The handles of one backend of one route; give them back with [`Metrics::release`].
+    pub fn backend(&self, route: &str, backend: &str) -> BackendMetrics {
+        let labels = RouteBackendLabels {
+            route: route.to_string(),
+            backend: backend.to_string(),
+        };
+        if let Ok(mut users) = self.backend_users.lock() {
+            *users.entry(labels.clone()).or_default() += 1;
+        }
+        let class = |code_class| {
+            self.backend_requests
+                .get_or_create_owned(&BackendRequestLabels {
+                    route: route.to_string(),
+                    backend: backend.to_string(),
+                    code_class,
+                })
+        };
+        let up = self.backend_up.get_or_create_owned(&labels);
+        up.set(1);
+        BackendMetrics {
+            open: self.backend_open.get_or_create_owned(&labels),
+            up,
+            requests: CLASSES.map(class),
+            ejections: self.backend_ejections.get_or_create_owned(&labels),
+            labels,
+        }
+    }
+
+    /// A backend left for good: its series go when no other backend uses the same labels.
+    pub fn release(&self, m: &BackendMetrics) {
+        let Ok(mut users) = self.backend_users.lock() else {
+            return;
+        };
+        let Some(n) = users.get_mut(&m.labels) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        users.remove(&m.labels);
+        self.backend_open.remove(&m.labels);
+        self.backend_up.remove(&m.labels);
+        self.backend_ejections.remove(&m.labels);
+        for code_class in CLASSES {
+            self.backend_requests.remove(&BackendRequestLabels {
+                route: m.labels.route.clone(),
+                backend: m.labels.backend.clone(),
+                code_class,
+            });
+        }
     }
 
     /// The Prometheus text exposition (OpenMetrics flavour).
@@ -164,13 +265,7 @@ impl Metrics {
             })
         };
         RouteMetrics {
-            requests: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-            ],
+            requests: CLASSES.map(class),
             bytes_in: self.bytes.get_or_create_owned(&BytesLabels {
                 route: route.to_string(),
                 direction: "in",
@@ -217,6 +312,30 @@ pub struct RouteMetrics {
 
 impl RouteMetrics {
     pub fn request(&self, status: u16) {
+        let i = (status / 100).clamp(1, 5) as usize - 1;
+        self.requests[i].inc();
+    }
+
+    /// Requests answered so far, and how many of them with a 5xx.
+    pub fn totals(&self) -> (u64, u64) {
+        let all = self.requests.iter().map(|c| c.get()).sum();
+        (all, self.requests[4].get())
+    }
+}
+
+/// One backend's handles (clones share the underlying atomics).
+#[derive(Clone, Debug)]
+pub struct BackendMetrics {
+    /// The open count least_conn reads: the gauge is the count.
+    pub open: Gauge,
+    pub up: Gauge,
+    requests: [Counter; 5],
+    pub ejections: Counter,
+    labels: RouteBackendLabels,
+}
+
+impl BackendMetrics {
+    pub fn response(&self, status: u16) {
         let i = (status / 100).clamp(1, 5) as usize - 1;
         self.requests[i].inc();
     }

@@ -35,6 +35,9 @@ pub struct Reloader {
     pub certs: Arc<CertStore>,
     /// The config in force, to warn about settings that only a restart applies.
     pub running: std::sync::Mutex<Config>,
+    /// What routes build their backends with (the resolver is replaced when `[resolver]`
+    /// changes).
+    pub fleet: std::sync::Mutex<crate::upstream::UpstreamContext>,
 }
 
 impl Reloader {
@@ -58,9 +61,32 @@ impl Reloader {
     fn try_reload(&self) -> Result<(), ReloadError> {
         let config = Config::load(&self.path)?;
         let certs = tls::load_certs(&config.certs)?;
-        let router = Router::new(&config.routes, &self.gateway.metrics);
         self.certs.replace(&certs)?;
-        self.gateway.replace_router(router);
+        let (routes_changed, resolver_changed) = match self.running.lock() {
+            Ok(running) => (
+                running.routes != config.routes,
+                running.resolver != config.resolver,
+            ),
+            Err(_) => (true, true),
+        };
+        // A certificate-only change swaps certificates and nothing else.
+        if routes_changed || resolver_changed {
+            if let Ok(mut fleet) = self.fleet.lock() {
+                if resolver_changed || fleet.resolver.is_none() {
+                    fleet.resolver = crate::resolver_for(&config);
+                    fleet.refresh = config.resolver.refresh;
+                }
+                let previous = self.gateway.router();
+                // A new resolver means new watchers: rebuild the routes that discover.
+                let keep = if resolver_changed {
+                    None
+                } else {
+                    Some(&*previous)
+                };
+                let router = Router::new(&config.routes, &fleet, keep.or(Some(&*previous)));
+                self.gateway.replace_router(router);
+            }
+        }
         for c in &certs {
             c.log();
         }

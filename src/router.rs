@@ -1,54 +1,63 @@
 //! The route table: picks the route for a request's host and path (most specific host, then
 //! longest path prefix on a segment boundary).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use http::uri::Authority;
 use tokio::sync::Semaphore;
 
 use crate::config::{HostMatch, RouteConfig};
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::upstream::UpstreamClient;
+use crate::upstream::{Upstream, UpstreamContext};
 
 /// A route as the proxy uses it: its config plus the state shared by its requests.
 pub struct Route {
     pub config: RouteConfig,
     /// `host/path` (`*` for any host), computed once for logs, metrics and error bodies.
     pub name: String,
-    /// Round-robin position over `config.backends`.
-    next_backend: AtomicUsize,
+    /// The backends, their pools and health; carried over by reloads that keep the route.
+    pub upstream: Arc<Upstream>,
     /// Open WebSockets allowed on this route, when `websocket.max_connections` is set.
     pub websocket_slots: Option<Arc<Semaphore>>,
-    /// Pooled connections to this route's backends.
-    pub upstream: UpstreamClient,
     pub metrics: RouteMetrics,
     /// Where connect failures are counted, by backend.
     pub all_metrics: Arc<Metrics>,
 }
 
 impl Route {
-    pub fn new(config: RouteConfig, metrics: &Arc<Metrics>) -> Route {
+    /// A route for `config`, keeping what `previous` (the same route before a reload) had:
+    /// backends with their pools and health, and the WebSocket limit's open count.
+    pub fn new(config: RouteConfig, ctx: &UpstreamContext, previous: Option<&Route>) -> Route {
         let name = config.name();
-        Route {
-            metrics: metrics.route(&name),
-            all_metrics: metrics.clone(),
-            name,
-            websocket_slots: config
+        let websocket_slots = match previous {
+            Some(p) if p.config.websocket.max_connections == config.websocket.max_connections => {
+                p.websocket_slots.clone()
+            }
+            _ => config
                 .websocket
                 .max_connections
                 .map(|n| Arc::new(Semaphore::new(n))),
-            next_backend: AtomicUsize::new(0),
-            upstream: crate::upstream::client(config.connect_timeout),
+        };
+        if let (Some(p), Some(new)) = (previous, &websocket_slots) {
+            if let (Some(old), Some(limit)) = (&p.websocket_slots, config.websocket.max_connections)
+            {
+                // A changed limit: the WebSockets open under the old one still count.
+                if !Arc::ptr_eq(old, new) {
+                    let open =
+                        p.config.websocket.max_connections.unwrap_or(0) - old.available_permits();
+                    let _ = new
+                        .try_acquire_many(open.min(limit) as u32)
+                        .map(|permits| permits.forget());
+                }
+            }
+        }
+        Route {
+            metrics: ctx.metrics.route(&name),
+            all_metrics: ctx.metrics.clone(),
+            upstream: Upstream::new(&config, &name, previous.map(|p| &*p.upstream), ctx),
+            name,
+            websocket_slots,
             config,
         }
-    }
-
-    /// The backends in the order to try them for one request: round-robin start, then the rest.
-    pub fn backends(&self) -> impl Iterator<Item = &Authority> {
-        let list = &self.config.backends;
-        let start = self.next_backend.fetch_add(1, Ordering::Relaxed) % list.len();
-        list[start..].iter().chain(list[..start].iter())
     }
 
     /// The path to send to the backend: the client's path with the prefix removed when
@@ -79,10 +88,31 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(configs: &[RouteConfig], metrics: &Arc<Metrics>) -> Router {
+    /// The route table for `configs`. With `previous` (a reload), a route that did not change
+    /// is kept as it is, and a changed one keeps the backends it still lists.
+    pub fn new(
+        configs: &[RouteConfig],
+        ctx: &UpstreamContext,
+        previous: Option<&Router>,
+    ) -> Router {
         let mut routes: Vec<Arc<Route>> = configs
             .iter()
-            .map(|c| Arc::new(Route::new(c.clone(), metrics)))
+            .map(|c| {
+                let old = previous.and_then(|p| {
+                    p.routes
+                        .iter()
+                        .find(|r| r.config.host == c.host && r.config.path == c.path)
+                });
+                match old {
+                    Some(old)
+                        if same_route(&old.config, c)
+                            && old.upstream.uses_resolver(&ctx.resolver) =>
+                    {
+                        old.clone()
+                    }
+                    _ => Arc::new(Route::new(c.clone(), ctx, old.map(|r| &**r))),
+                }
+            })
             .collect();
         // Exact hosts, then wildcards (longer suffix first), then any host; within a host class,
         // longer prefixes first. A stable sort keeps file order for equal keys.
@@ -107,6 +137,14 @@ impl Router {
             .iter()
             .find(|r| host_matches(&r.config.host, host) && prefix_matches(&r.config.path, path))
     }
+}
+
+/// Equal but for the route's place in the file.
+fn same_route(a: &RouteConfig, b: &RouteConfig) -> bool {
+    RouteConfig {
+        index: b.index,
+        ..a.clone()
+    } == *b
 }
 
 fn host_matches(rule: &HostMatch, host: Option<&str>) -> bool {
@@ -162,11 +200,21 @@ mod tests {
             "[listen]\nhttps = \"127.0.0.1:0\"\n[[cert]]\ncert = \"c\"\nkey = \"k\"\n{toml_routes}"
         );
         let config = Config::parse(Path::new("test.toml"), &text).expect("test config is valid");
-        Router::new(&config.routes, &Arc::new(Metrics::new()))
+        Router::new(&config.routes, &context(), None)
+    }
+
+    fn context() -> UpstreamContext {
+        UpstreamContext {
+            metrics: Arc::new(Metrics::new()),
+            drain: crate::drain::Drain::new(),
+            resolver: None,
+            refresh: std::time::Duration::from_secs(5),
+        }
     }
 
     fn found(r: &Router, host: Option<&str>, path: &str) -> Option<String> {
-        r.find(host, path).map(|r| r.config.backends[0].to_string())
+        r.find(host, path)
+            .map(|r| r.config.backends[0].authority.to_string())
     }
 
     #[test]
@@ -237,14 +285,73 @@ backends = ["http://chat:1"]
 
     #[test]
     fn round_robin_visits_every_backend() {
-        let r = router("[[route]]\nbackends = [\"http://a:1\", \"http://b:1\", \"http://c:1\"]\n");
+        let r = router("[[route]]\nbalance = \"round_robin\"\nbackends = [\"http://a:1\", \"http://b:1\", \"http://c:1\"]\n");
         let route = &r.routes()[0];
+        let headers = http::HeaderMap::new();
+        let input = crate::upstream::PickInput {
+            client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            headers: &headers,
+            query: None,
+        };
         let firsts: Vec<String> = (0..3)
-            .map(|_| route.backends().next().expect("has backends").to_string())
+            .map(|_| {
+                route
+                    .upstream
+                    .pick(&input, None)
+                    .expect("has backends")
+                    .backend
+                    .address
+                    .to_string()
+            })
             .collect();
         assert_eq!(firsts, ["a:1", "b:1", "c:1"]);
-        let order: Vec<String> = route.backends().map(|b| b.to_string()).collect();
-        assert_eq!(order, ["a:1", "b:1", "c:1"]);
+    }
+
+    #[test]
+    fn a_reload_keeps_unchanged_routes_and_listed_backends() {
+        let text = |backends: &str| {
+            format!("[listen]\nhttps = \"127.0.0.1:0\"\n[[cert]]\ncert = \"c\"\nkey = \"k\"\n[[route]]\npath = \"/a\"\nbackends = [\"http://a:1\"]\n[[route]]\npath = \"/b\"\nbackends = {backends}\n")
+        };
+        let ctx = context();
+        let first = Config::parse(
+            Path::new("t.toml"),
+            &text("[\"http://b:1\", \"http://c:1\"]"),
+        )
+        .expect("valid");
+        let second = Config::parse(
+            Path::new("t.toml"),
+            &text("[\"http://c:1\", \"http://d:1\"]"),
+        )
+        .expect("valid");
+        let old = Router::new(&first.routes, &ctx, None);
+        let new = Router::new(&second.routes, &ctx, Some(&old));
+        let by_path = |r: &Router, p: &str| {
+            r.routes()
+                .iter()
+                .find(|x| x.config.path == p)
+                .expect("route")
+                .clone()
+        };
+        assert!(
+            Arc::ptr_eq(&by_path(&old, "/a"), &by_path(&new, "/a")),
+            "unchanged route kept whole"
+        );
+        let (old_b, new_b) = (by_path(&old, "/b"), by_path(&new, "/b"));
+        let backend = |r: &Route, a: &str| {
+            r.upstream
+                .snapshot()
+                .into_iter()
+                .find(|(b, _)| b.address.as_str() == a)
+                .map(|(b, _)| b)
+        };
+        let c_old = backend(&old_b, "c:1").expect("c listed before");
+        let c_new = backend(&new_b, "c:1").expect("c listed after");
+        assert!(
+            Arc::ptr_eq(&c_old, &c_new),
+            "a listed backend keeps its state"
+        );
+        assert!(backend(&new_b, "d:1").is_some());
+        assert!(backend(&new_b, "b:1").is_none(), "b left with nothing open");
     }
 
     #[test]

@@ -233,24 +233,30 @@ fn check_accepts_a_valid_config_and_prints_the_route_table() {
     assert!(text.contains("listen https 127.0.0.1:8443"), "{text}");
     assert!(text.contains(r#"names ["a.test"]"#), "{text}");
     assert!(!text.contains("EXPIRED"), "{text}");
-    // Match order: the exact host first, then any host.
-    let routes: Vec<&str> = text
+    // Match order: the exact host first, then any host; each route's backends below it.
+    let lines: Vec<&str> = text
         .lines()
         .skip_while(|l| !l.starts_with("routes"))
         .skip(1)
         .map(str::trim)
         .collect();
+    let routes: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| !l.starts_with("->"))
+        .collect();
     assert_eq!(routes.len(), 2, "{text}");
-    assert!(routes[0].starts_with("a.test/ws "), "{text}");
-    assert!(
-        routes[0].ends_with("-> 127.0.0.1:9100  (strip prefix)"),
+    assert_eq!(
+        routes[0], "a.test/ws  (balance least_conn, retries 1, strip prefix)",
         "{text}"
     );
-    assert!(routes[1].starts_with("*/api "), "{text}");
+    assert_eq!(lines[1], "-> http://127.0.0.1:9100  weight 1", "{text}");
     assert!(
-        routes[1].ends_with("-> 127.0.0.1:9000, 127.0.0.1:9001"),
+        routes[1].starts_with("*/api  (balance least_conn"),
         "{text}"
     );
+    assert_eq!(lines[3], "-> http://127.0.0.1:9000  weight 1", "{text}");
+    assert_eq!(lines[4], "-> http://127.0.0.1:9001  weight 1", "{text}");
 }
 
 #[test]
@@ -309,7 +315,7 @@ fn shipped_example_config_passes_check() {
     });
     let table = assert_valid(&out);
     assert!(table.starts_with("config/streamgate.toml: ok\n"), "{table}");
-    assert!(table.contains(" -> 127.0.0.1:"), "{table}");
+    assert!(table.contains("-> http://127.0.0.1:"), "{table}");
 
     // Its switched-off settings ("#key = value") must be real keys with valid values too.
     let all_on: String = text
@@ -362,4 +368,130 @@ fn shipped_example_names_every_config_key() {
         missing.is_empty(),
         "config/streamgate.toml does not show {missing:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upstream fleet: balance, hash_key, weights, discovery, health
+
+#[test]
+fn check_refuses_an_unknown_balance_naming_it() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    let out = dir.check(&format!("{HEAD}{ROUTE}balance = \"random\"\n"));
+    assert_refused(&out, "streamgate.toml:11:11: route[0].balance:");
+    assert!(stderr(&out).contains("random"), "{}", stderr(&out));
+}
+
+#[test]
+fn check_refuses_hash_key_without_balance_hash() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    for balance in ["", "balance = \"least_conn\"\n", "balance = \"cookie\"\n"] {
+        let out = dir.check(&format!("{HEAD}{ROUTE}hash_key = \"client_ip\"\n{balance}"));
+        assert_refused(&out, "streamgate.toml:11:12: route[0].hash_key:");
+    }
+}
+
+#[test]
+fn check_refuses_a_weight_out_of_range() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    for weight in ["0", "101", "-1"] {
+        let out = dir.check(&format!(
+            "{HEAD}\n[[route]]\npath = \"/api\"\nbackends = [\"http://127.0.0.1:9000\", {{ url = \"http://127.0.0.1:9001\", weight = {weight} }}]\n"
+        ));
+        assert_refused(&out, "streamgate.toml:10:80: route[0].backends[1].weight:");
+    }
+}
+
+#[test]
+fn check_refuses_an_unknown_discovery() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    let out = dir.check(&format!(
+        "{HEAD}\n[[route]]\nbackends = [{{ url = \"http://chat.default.svc.cluster.local:9000\", discover = \"srv\" }}]\n"
+    ));
+    assert_refused(&out, "streamgate.toml:9:78: route[0].backends[0].discover:");
+    assert!(stderr(&out).contains("srv"), "{}", stderr(&out));
+}
+
+#[test]
+fn check_refuses_a_health_timeout_not_below_its_interval() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    for (interval, timeout) in [("1s", "2s"), ("1s", "1s")] {
+        let out = dir.check(&format!(
+            "{HEAD}{ROUTE}\n[route.health]\npath = \"/healthz\"\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n"
+        ));
+        assert_refused(&out, "streamgate.toml:15:11: route[0].health.timeout:");
+    }
+}
+
+#[test]
+fn check_accepts_every_fleet_key() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    let out = dir.check(&format!(
+        r#"{HEAD}
+[[route]]
+path = "/chat"
+backends = [
+  "http://127.0.0.1:9000",
+  {{ url = "http://127.0.0.1:9001", weight = 2 }},
+  {{ url = "http://localhost:9002", discover = "dns" }},
+]
+balance = "least_conn"
+retries = 0
+slow_start = "30s"
+
+[route.health]
+path = "/healthz"
+interval = "5s"
+timeout = "2s"
+unhealthy_after = 2
+healthy_after = 2
+
+[route.outlier]
+consecutive_failures = 3
+ejection = "10s"
+
+[[route]]
+path = "/hash"
+backends = ["http://127.0.0.1:9100", {{ url = "http://127.0.0.1:9101", weight = 100 }}]
+balance = "hash"
+hash_key = "header:X-User"
+
+[[route]]
+path = "/ip"
+backends = ["http://127.0.0.1:9200"]
+balance = "hash"
+hash_key = "client_ip"
+
+[[route]]
+path = "/room"
+backends = ["http://127.0.0.1:9300"]
+balance = "hash"
+hash_key = "query:room"
+
+[[route]]
+path = "/session"
+backends = ["http://127.0.0.1:9400"]
+balance = "hash"
+hash_key = "cookie:session"
+
+[[route]]
+path = "/sticky"
+backends = ["http://127.0.0.1:9500", "http://127.0.0.1:9501"]
+balance = "cookie"
+affinity_cookie = "pin"
+retries = 1
+
+[[route]]
+path = "/rr"
+backends = ["http://127.0.0.1:9600"]
+balance = "round_robin"
+"#
+    ));
+    let text = assert_valid(&out);
+    assert!(text.starts_with("streamgate.toml: ok\n"), "{text}");
 }

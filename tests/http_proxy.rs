@@ -127,7 +127,12 @@ async fn round_robin_alternates_between_backends() {
     let one = Backend::echo("one").await;
     let two = Backend::echo("two").await;
     let gw = GatewayBuilder::new()
-        .route(route("/").to(one.url()).to(two.url()))
+        .route(
+            route("/")
+                .to(one.url())
+                .to(two.url())
+                .set("balance", "\"round_robin\""),
+        )
         .start()
         .await;
 

@@ -1,5 +1,7 @@
 mod config_errors;
 mod demo;
+mod discovery;
+mod fleet;
 mod http_proxy;
 mod listeners;
 mod operations;

@@ -6,11 +6,14 @@
 //! - `/events?rate=R&count=C`: an event stream, R events/s, C events, each `data: <ns>` with
 //!   CLOCK_MONOTONIC at the moment the event is handed to hyper.
 //! - `/ws`: WebSocket echo; `/ws-bulk?bytes=N&msg=M`: sends N bytes in M-byte messages.
+//! - `/count`: how many `/small` requests this process has answered so far (decimal text),
+//!   for the share each backend of the fleet scenario got.
 
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,6 +28,9 @@ use crate::{sys, ws};
 
 const SMALL: &[u8; 100] = b"streamgate-bench small response: 100 bytes of text so every target sends the same body.............\n";
 const CHUNK: usize = 256 * 1024;
+
+/// `/small` requests answered (read by `/count`).
+static SMALL_SERVED: AtomicU64 = AtomicU64::new(0);
 
 pub fn run(addr: SocketAddr) -> anyhow::Result<()> {
     sys::raise_nofile()?;
@@ -75,10 +81,20 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
 
 fn handle(mut req: Request<Incoming>, chunk: Bytes) -> Response<BackendBody> {
     match req.uri().path() {
-        "/small" => Response::builder()
-            .header(header::CONTENT_TYPE, "text/plain")
-            .header(header::CONTENT_LENGTH, SMALL.len())
-            .body(BackendBody::Full(Some(Bytes::from_static(SMALL)))),
+        "/small" => {
+            SMALL_SERVED.fetch_add(1, Ordering::Relaxed);
+            Response::builder()
+                .header(header::CONTENT_TYPE, "text/plain")
+                .header(header::CONTENT_LENGTH, SMALL.len())
+                .body(BackendBody::Full(Some(Bytes::from_static(SMALL))))
+        }
+        "/count" => {
+            let n = Bytes::from(SMALL_SERVED.load(Ordering::Relaxed).to_string());
+            Response::builder()
+                .header(header::CONTENT_TYPE, "text/plain")
+                .header(header::CONTENT_LENGTH, n.len())
+                .body(BackendBody::Full(Some(n)))
+        }
         "/bulk" => {
             let n = query(&req, "bytes").unwrap_or(1 << 20);
             Response::builder()

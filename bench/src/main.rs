@@ -64,6 +64,19 @@ struct RunArgs {
     /// Where the results go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     results: PathBuf,
+    /// The targets to run, comma-separated (the others are neither started nor measured).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "streamgate,nginx,haproxy,direct"
+    )]
+    targets: Vec<Kind>,
+    /// Also write the table's rows to this file as tab-separated values (scenario, metric,
+    /// better, streamgate, nginx, HAProxy, direct; empty where there is no figure), for
+    /// scripts such as bench/ab.sh.
+    #[arg(long)]
+    tsv: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -93,7 +106,17 @@ fn bench(args: RunArgs, only: Vec<String>) -> anyhow::Result<()> {
     // Before any thread exists, so the runtime and every child inherit core 1.
     sys::pin_to_core(1).context("cannot pin the bench to core 1")?;
     let nofile = sys::raise_nofile().context("cannot raise RLIMIT_NOFILE")?;
-    for tool in ["nginx", "haproxy", "wrk", "h2load", "taskset"] {
+    let kinds: Vec<Kind> = Kind::PROXIES
+        .into_iter()
+        .filter(|k| args.targets.contains(k))
+        .collect();
+    let mut tools = vec!["wrk", "h2load", "taskset"];
+    for (k, tool) in [(Kind::Nginx, "nginx"), (Kind::Haproxy, "haproxy")] {
+        if kinds.contains(&k) {
+            tools.push(tool);
+        }
+    }
+    for tool in tools {
         if which(tool).is_none() {
             bail!("{tool} is not installed: run bench/run.sh, which installs it");
         }
@@ -115,7 +138,7 @@ fn bench(args: RunArgs, only: Vec<String>) -> anyhow::Result<()> {
         nofile,
     };
     let mut started = Vec::new();
-    for k in Kind::PROXIES {
+    for k in kinds {
         let p = proxies::start(k, &setup)?;
         eprintln!("{} on {} (pid {})", k.name(), p.addr, p.pid());
         started.push(p);
@@ -123,6 +146,7 @@ fn bench(args: RunArgs, only: Vec<String>) -> anyhow::Result<()> {
     let env = Env {
         setup,
         proxies: RefCell::new(started),
+        direct: args.targets.contains(&Kind::Direct),
         backend_pid: backend.pid(),
         quick: args.quick,
         tls: tls::Clients::new(),
@@ -145,9 +169,10 @@ fn bench(args: RunArgs, only: Vec<String>) -> anyhow::Result<()> {
 
     let configs = ["streamgate.toml", "nginx.conf", "haproxy.cfg"]
         .iter()
-        .map(|f| {
-            let text = std::fs::read_to_string(env.setup.dir.join(f)).unwrap_or_default();
-            (f.to_string(), text)
+        .flat_map(|f| [f.to_string(), format!("fleet-{f}")])
+        .filter_map(|f| {
+            let text = std::fs::read_to_string(env.setup.dir.join(&f)).ok()?;
+            Some((f, text))
         })
         .collect();
     // Stop everything before writing: the guards kill the processes they started.
@@ -199,6 +224,13 @@ fn bench(args: RunArgs, only: Vec<String>) -> anyhow::Result<()> {
     };
     for f in report::write(&args.results, &stamp, args.quick || !only.is_empty(), &text)? {
         eprintln!("wrote {}", f.display());
+    }
+    if let Some(path) = &args.tsv {
+        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(path, report::tsv(&log.borrow()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if args.keep_temp {
         eprintln!("kept {}", dir.keep().display());

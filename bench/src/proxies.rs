@@ -15,7 +15,7 @@ use crate::tls::CertFiles;
 pub const PROXY_CORE: &str = "0";
 pub const CLIENT_CORE: &str = "1";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Kind {
     Streamgate,
     Nginx,
@@ -88,12 +88,24 @@ fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
+/// A proxy in front of the shared backend.
 pub fn start(kind: Kind, s: &Setup) -> anyhow::Result<Proxy> {
+    start_with(kind, s, "", &[s.backend])
+}
+
+/// A proxy in front of `backends` (balanced by least connections when there are several);
+/// its config, log and nginx prefix files are named with `tag` in front.
+pub fn start_with(
+    kind: Kind,
+    s: &Setup,
+    tag: &str,
+    backends: &[SocketAddr],
+) -> anyhow::Result<Proxy> {
     let addr = free_port()?;
     let mut cmd = match kind {
         Kind::Streamgate => {
-            let path = s.dir.join("streamgate.toml");
-            std::fs::write(&path, streamgate_config(addr, s))?;
+            let path = s.dir.join(format!("{tag}streamgate.toml"));
+            std::fs::write(&path, streamgate_config(addr, s, backends))?;
             let mut cmd = pinned(&s.gateway);
             cmd.arg("--config")
                 .arg(&path)
@@ -102,32 +114,34 @@ pub fn start(kind: Kind, s: &Setup) -> anyhow::Result<Proxy> {
             cmd
         }
         Kind::Nginx => {
-            let path = s.dir.join("nginx.conf");
-            std::fs::create_dir_all(s.dir.join("nginx"))?;
-            std::fs::write(&path, nginx_config(addr, s))?;
+            let path = s.dir.join(format!("{tag}nginx.conf"));
+            let prefix = s.dir.join(format!("{tag}nginx"));
+            std::fs::create_dir_all(&prefix)?;
+            std::fs::write(&path, nginx_config(addr, s, &prefix, backends))?;
             let mut cmd = pinned(Path::new("nginx"));
             cmd.arg("-p")
-                .arg(s.dir.join("nginx"))
+                .arg(&prefix)
                 .arg("-e")
-                .arg(s.dir.join("nginx/error.log"))
+                .arg(prefix.join("error.log"))
                 .arg("-c")
                 .arg(&path)
                 .args(["-g", "daemon off;"]);
             cmd
         }
         Kind::Haproxy => {
-            let path = s.dir.join("haproxy.cfg");
-            std::fs::write(&path, haproxy_config(addr, s))?;
+            let path = s.dir.join(format!("{tag}haproxy.cfg"));
+            std::fs::write(&path, haproxy_config(addr, s, backends))?;
             let mut cmd = pinned(Path::new("haproxy"));
             cmd.arg("-f").arg(&path).arg("-db");
             cmd
         }
         Kind::Direct => bail!("direct is the backend, not a proxy"),
     };
-    let log = std::fs::File::create(s.dir.join(format!("{}.log", kind.name())))?;
-    cmd.stdout(Stdio::null()).stderr(log);
+    let log = s.dir.join(format!("{tag}{}.log", kind.name()));
+    cmd.stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?);
     let mut guard = ProcGuard::spawn(kind.name(), cmd)?;
-    wait_listening(&mut guard, addr, kind, s)?;
+    wait_listening(&mut guard, addr, kind, &log)?;
     Ok(Proxy { kind, addr, guard })
 }
 
@@ -141,13 +155,12 @@ fn wait_listening(
     g: &mut ProcGuard,
     addr: SocketAddr,
     kind: Kind,
-    s: &Setup,
+    log: &Path,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Err(e) = g.check_alive() {
-            let log = std::fs::read_to_string(s.dir.join(format!("{}.log", kind.name())))
-                .unwrap_or_default();
+            let log = std::fs::read_to_string(log).unwrap_or_default();
             bail!("{e:#}\n{log}");
         }
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
@@ -172,7 +185,20 @@ pub fn haproxy_maxconn(nofile: u64) -> u64 {
     nofile.saturating_sub(100) / 2
 }
 
-fn streamgate_config(addr: SocketAddr, s: &Setup) -> String {
+/// `"http://a", "http://b"` for a TOML array.
+fn backend_urls(backends: &[SocketAddr]) -> String {
+    let urls: Vec<String> = backends.iter().map(|b| format!("\"http://{b}\"")).collect();
+    urls.join(", ")
+}
+
+/// No `balance` key: the gateway's default is least connections from the upstream rewrite on
+/// (round robin before it), and binaries from before it reject the unknown key.
+fn streamgate_config(addr: SocketAddr, s: &Setup, backends: &[SocketAddr]) -> String {
+    let balance = if backends.len() > 1 {
+        "# No `balance` key: least_conn is the default (older binaries reject the key).\n"
+    } else {
+        ""
+    };
     format!(
         r#"# streamgate-bench: one worker thread, the bench certificate, every path to the backend.
 [listen]
@@ -190,19 +216,25 @@ key = "{key}"
 
 [[route]]
 path = "/"
-backends = ["http://{backend}"]
+{balance}backends = [{backends}]
 "#,
         cert = s.cert.cert.display(),
         key = s.cert.key.display(),
-        backend = s.backend,
+        backends = backend_urls(backends),
     )
 }
 
 /// nginx as its documentation advises for WebSocket (HTTP/1.1, the Upgrade/Connection map,
 /// long read timeout), SSE (proxy_buffering off) and upstream keep-alive (HTTP/1.1 with an
 /// empty Connection header); TLS 1.3 only with Mozilla's "modern" session settings.
-fn nginx_config(addr: SocketAddr, s: &Setup) -> String {
-    let d = s.dir.join("nginx");
+fn nginx_config(addr: SocketAddr, s: &Setup, d: &Path, backends: &[SocketAddr]) -> String {
+    let mut upstream = String::new();
+    if backends.len() > 1 {
+        upstream.push_str("least_conn;\n        ");
+    }
+    for b in backends {
+        upstream.push_str(&format!("server {b};\n        "));
+    }
     format!(
         r#"# streamgate-bench: one worker, no access log, pinned to core 0 by taskset.
 user root;
@@ -236,8 +268,7 @@ http {{
     }}
 
     upstream backend {{
-        server {backend};
-        keepalive 128;
+        {upstream}keepalive 128;
         keepalive_requests 1000000;
         keepalive_timeout 60s;
     }}
@@ -288,7 +319,6 @@ http {{
         nofile = s.nofile,
         wc = s.nofile * 2,
         d = d.display(),
-        backend = s.backend,
         cert = s.cert.cert.display(),
         key = s.cert.key.display(),
     )
@@ -297,7 +327,14 @@ http {{
 /// HAProxy as its documentation advises for WebSocket (`mode http`, `timeout tunnel`), h2 on
 /// the bind by ALPN, connection reuse towards the backend, and `option http-no-delay` on the
 /// event-stream backend (low-latency streaming; without it the kernel may hold small chunks).
-fn haproxy_config(addr: SocketAddr, s: &Setup) -> String {
+fn haproxy_config(addr: SocketAddr, s: &Setup, backends: &[SocketAddr]) -> String {
+    let mut servers = String::new();
+    if backends.len() > 1 {
+        servers.push_str("    balance leastconn\n");
+    }
+    for (i, b) in backends.iter().enumerate() {
+        servers.push_str(&format!("    server s{} {b}\n", i + 1));
+    }
     format!(
         r#"# streamgate-bench: one thread, no log, pinned to core 0 by taskset.
 global
@@ -326,14 +363,11 @@ frontend fe
     default_backend be
 
 backend be
-    server s1 {backend}
-
+{servers}
 backend be_sse
     option http-no-delay
-    server s1 {backend}
-"#,
+{servers}"#,
         maxconn = haproxy_maxconn(s.nofile),
         pem = s.cert.combined.display(),
-        backend = s.backend,
     )
 }

@@ -215,7 +215,9 @@ pub fn render(meta: &Meta, log: &Log) -> String {
         "- Same backend for all: one `streamgate-bench backend` process (current-thread tokio, \
          hyper, TCP_NODELAY), the `direct` column's target. Proxies keep connections to it \
          alive (nginx `keepalive` with `proxy_set_header Connection \"\"`, HAProxy \
-         `http-reuse always`, streamgate's pool)."
+         `http-reuse always`, streamgate's pool). The fleet scenario (1c) starts three more \
+         such processes and a second instance of each proxy, configured for them (`fleet-*` \
+         below)."
     );
     let _ = writeln!(
         s,
@@ -335,6 +337,33 @@ pub fn render(meta: &Meta, log: &Log) -> String {
             s,
             "<details><summary>{name}</summary>\n\n```\n{}\n```\n</details>\n",
             text.trim_end()
+        );
+    }
+    s
+}
+
+/// The table's rows as tab-separated values: scenario, metric, better (higher, lower or
+/// info), then streamgate, nginx, HAProxy and direct at full precision (empty where there is
+/// no figure).
+pub fn tsv(log: &Log) -> String {
+    let mut s = String::new();
+    for r in &log.rows {
+        let better = match r.better {
+            Better::Higher => "higher",
+            Better::Lower => "lower",
+            Better::Info => "info",
+        };
+        let v: Vec<String> = r
+            .values
+            .iter()
+            .map(|v| v.map(|v| v.to_string()).unwrap_or_default())
+            .collect();
+        let _ = writeln!(
+            s,
+            "{}\t{}\t{better}\t{}",
+            r.scenario,
+            r.metric,
+            v.join("\t")
         );
     }
     s

@@ -2,6 +2,7 @@
 //! (validated, typed). Every error names the file, the line and column, and the key.
 
 mod raw;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -23,8 +24,27 @@ pub struct Config {
     /// Worker threads of the tokio runtime; `None` means one per core.
     pub worker_threads: Option<usize>,
     pub shutdown: Shutdown,
+    pub resolver: ResolverConfig,
     pub certs: Vec<CertFiles>,
     pub routes: Vec<RouteConfig>,
+}
+
+/// `[resolver]`: how `discover = "dns"` backends are looked up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolverConfig {
+    /// Empty: the system's resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
+    /// Re-resolve this often (or at the records' TTL, whichever is shorter).
+    pub refresh: Duration,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        ResolverConfig {
+            nameservers: Vec::new(),
+            refresh: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -105,25 +125,129 @@ pub struct CertFiles {
 }
 
 /// One `[[route]]`, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     /// Position in the file, for messages (`route[2]`).
     pub index: usize,
     pub host: HostMatch,
     /// Path prefix without a trailing slash ("" for `/`).
     pub path: String,
-    pub backends: Vec<Authority>,
+    pub backends: Vec<BackendConfig>,
     pub strip_prefix: bool,
     pub connect_timeout: Duration,
     pub response_header_timeout: Duration,
+    pub balance: Balance,
+    /// Extra tries on another backend for requests that can safely be sent again.
+    pub retries: u32,
+    /// A backend that comes (back) up gets a share rising from 10 % to 100 % over this time.
+    pub slow_start: Option<Duration>,
+    pub health: Option<HealthConfig>,
+    pub outlier: OutlierConfig,
     pub websocket: WebSocketConfig,
     pub sse: SseConfig,
+}
+
+/// One entry of a route's `backends`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// As written in the file, for `check`, logs and `/backends`.
+    pub url: String,
+    /// `host:port` of the URL: what is connected to (after DNS discovery, each address).
+    pub authority: Authority,
+    /// 1..=100: the backend's share relative to the route's other backends.
+    pub weight: u32,
+    /// `discover = "dns"`: every address the name resolves to is a backend of its own.
+    pub discover: bool,
+}
+
+/// How a route spreads new requests, WebSockets and streams over its backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Balance {
+    /// Fewest open requests, WebSockets and streams relative to weight (the default).
+    LeastConn,
+    RoundRobin,
+    /// Consistent (rendezvous) hashing on a key of the request.
+    Hash(HashKey),
+    /// Affinity by a cookie the gateway sets, named here.
+    Cookie(String),
+}
+
+impl Balance {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Balance::LeastConn => "least_conn",
+            Balance::RoundRobin => "round_robin",
+            Balance::Hash(_) => "hash",
+            Balance::Cookie(_) => "cookie",
+        }
+    }
+}
+
+/// What `balance = "hash"` hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    Header(http::HeaderName),
+    Cookie(String),
+    Query(String),
+}
+
+impl std::fmt::Display for HashKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HashKey::ClientIp => f.write_str("client_ip"),
+            HashKey::Header(name) => write!(f, "header:{name}"),
+            HashKey::Cookie(name) => write!(f, "cookie:{name}"),
+            HashKey::Query(name) => write!(f, "query:{name}"),
+        }
+    }
+}
+
+/// `[route.health]`: active checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub path: http::uri::PathAndQuery,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+}
+
+/// `[route.outlier]`: passive ejection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierConfig {
+    /// Failures in a row that eject a backend; 0 switches passive ejection off.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; it doubles on each repeat, up to five minutes.
+    pub ejection: Duration,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 3,
+            ejection: Duration::from_secs(10),
+        }
+    }
 }
 
 impl RouteConfig {
     /// The backends as the file lists them, comma-separated, for logs and `check`.
     pub fn backend_list(&self) -> String {
-        let names: Vec<&str> = self.backends.iter().map(|b| b.as_str()).collect();
+        let names: Vec<String> = self
+            .backends
+            .iter()
+            .map(|b| {
+                let mut s = b.url.clone();
+                if b.weight != 1 {
+                    s.push_str(&format!(" (weight {})", b.weight));
+                }
+                if b.discover {
+                    s.push_str(" (dns)");
+                }
+                s
+            })
+            .collect();
         names.join(", ")
     }
 
@@ -144,7 +268,7 @@ impl RouteConfig {
 }
 
 /// Which `Host` a route answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HostMatch {
     Any,
     /// Lowercase name.
@@ -153,7 +277,7 @@ pub enum HostMatch {
     Wildcard(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WebSocketConfig {
     pub ping_interval: Option<Duration>,
     pub idle_timeout: Duration,
@@ -174,7 +298,7 @@ impl Default for WebSocketConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SseConfig {
     /// Send a comment line when the backend has been quiet this long (at an event boundary).
     pub heartbeat: Option<Duration>,
@@ -380,6 +504,8 @@ impl Located<'_> {
             delay: self.duration_or("shutdown.delay", &raw.shutdown.delay, ds.delay)?,
         };
 
+        let resolver = self.resolver(&raw.resolver)?;
+
         if raw.cert.is_empty() {
             return Err(
                 self.whole("no [[cert]]: the TLS listener needs at least one certificate and key")
@@ -415,6 +541,7 @@ impl Located<'_> {
             limits,
             worker_threads,
             shutdown,
+            resolver,
             certs,
             routes,
         })
@@ -481,22 +608,8 @@ impl Located<'_> {
             }
         };
 
-        if r.backends.get_ref().is_empty() {
-            return Err(self.error(
-                r.backends.span(),
-                format!(
-                    "{}: expected at least one backend such as \"http://127.0.0.1:9000\"",
-                    key("backends")
-                ),
-            ));
-        }
-        let backends = r
-            .backends
-            .get_ref()
-            .iter()
-            .enumerate()
-            .map(|(i, b)| self.backend(&format!("{}[{i}]", key("backends")), b))
-            .collect::<Result<Vec<_>, _>>()?;
+        let backends = self.backends(&key("backends"), &r.backends)?;
+        let fleet = self.fleet(&key, r)?;
 
         let d = WebSocketConfig::default();
         let websocket = match &r.websocket {
@@ -569,33 +682,14 @@ impl Located<'_> {
                 &r.response_header_timeout,
                 Duration::from_secs(60),
             )?,
+            balance: fleet.balance,
+            retries: fleet.retries,
+            slow_start: fleet.slow_start,
+            health: fleet.health,
+            outlier: fleet.outlier,
             websocket,
             sse,
         })
-    }
-
-    fn backend(&self, key: &str, value: &Text) -> Result<Authority, ConfigError> {
-        let s = value.get_ref();
-        let bad = |why: &str| {
-            self.error(
-                value.span(),
-                format!("{key}: expected http://host:port{why}, got {s:?}"),
-            )
-        };
-        let Some(rest) = s.strip_prefix("http://") else {
-            return Err(bad(" (backends are plain HTTP; TLS ends at the gateway)"));
-        };
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains(['/', '?', '#', '@']) {
-            return Err(bad(" with no path"));
-        }
-        let authority: Authority = rest.parse().map_err(|_| bad(""))?;
-        // `Authority` parses the port lazily: "x:port" and "x:99999" parse, with no port.
-        let has_port = authority.as_str().len() > authority.host().len();
-        if authority.host().is_empty() || (has_port && authority.port_u16().is_none()) {
-            return Err(bad(""));
-        }
-        Ok(authority)
     }
 
     fn addr(&self, key: &str, value: &Text) -> Result<SocketAddr, ConfigError> {

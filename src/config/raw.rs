@@ -17,6 +17,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub shutdown: RawShutdown,
     #[serde(default)]
+    pub resolver: RawResolver,
+    #[serde(default)]
     pub cert: Vec<RawCert>,
     #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,
@@ -69,9 +71,16 @@ pub struct RawCert {
 pub struct RawRoute {
     pub host: Option<Text>,
     pub path: Option<Text>,
-    pub backends: Spanned<Vec<Text>>,
+    pub backends: Spanned<Vec<Spanned<RawBackend>>>,
     #[serde(default)]
     pub strip_prefix: bool,
+    pub balance: Option<Text>,
+    pub hash_key: Option<Text>,
+    pub affinity_cookie: Option<Text>,
+    pub retries: Option<Spanned<i64>>,
+    pub slow_start: Option<Text>,
+    pub health: Option<RawHealth>,
+    pub outlier: Option<RawOutlier>,
     pub connect_timeout: Option<Text>,
     pub response_header_timeout: Option<Text>,
     pub websocket: Option<RawWebSocket>,
@@ -94,4 +103,70 @@ pub struct RawSse {
     pub heartbeat: Option<Text>,
     pub idle_timeout: Option<Text>,
     pub shutdown_retry: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResolver {
+    pub nameservers: Option<Vec<Text>>,
+    pub refresh: Option<Text>,
+}
+
+/// One entry of `backends`: a URL string, or a table with the URL and its settings.
+#[derive(Debug)]
+pub enum RawBackend {
+    Url(String),
+    Table(RawBackendTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackendTable {
+    pub url: Text,
+    pub weight: Option<Spanned<i64>>,
+    pub discover: Option<Text>,
+}
+
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawBackend;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a URL such as \"http://10.0.0.5:9000\" or a table such as { url = \"http://10.0.0.5:9000\", weight = 2 }")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend::Url(v.to_string()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawBackend, A::Error> {
+                // The derived table keeps its fields' spans: the map access is toml's own.
+                RawBackendTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawBackend::Table)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub path: Option<Text>,
+    pub interval: Option<Text>,
+    pub timeout: Option<Text>,
+    pub unhealthy_after: Option<Spanned<i64>>,
+    pub healthy_after: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlier {
+    pub consecutive_failures: Option<Spanned<i64>>,
+    pub ejection: Option<Text>,
 }

@@ -132,7 +132,7 @@ backends = ["http://[::1]:9002"]
     assert_eq!(r.index, 0);
     assert_eq!(r.host, HostMatch::Exact("chat.example.com".into()));
     assert_eq!(r.path, "/ws", "trailing slash is dropped");
-    let backends: Vec<String> = r.backends.iter().map(|b| b.to_string()).collect();
+    let backends: Vec<String> = r.backends.iter().map(|b| b.authority.to_string()).collect();
     assert_eq!(backends, ["10.0.0.1:9000", "chat-backend:9001"]);
     assert!(r.strip_prefix);
     assert_eq!(r.connect_timeout, Duration::from_millis(250));
@@ -158,7 +158,7 @@ backends = ["http://[::1]:9002"]
     assert_eq!(r.index, 1);
     assert_eq!(r.host, HostMatch::Wildcard(".example.com".into()));
     assert_eq!(r.path, "");
-    assert_eq!(r.backends[0].to_string(), "[::1]:9002");
+    assert_eq!(r.backends[0].authority.to_string(), "[::1]:9002");
     assert_eq!(r.name(), "*.example.com/");
 }
 

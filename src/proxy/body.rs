@@ -21,7 +21,7 @@ pin_project! {
         /// An answer the gateway made itself (errors, redirects, the demo page).
         Full { #[pin] body: Full<Bytes> },
         /// A backend's body, frame by frame as it arrives.
-        Upstream { #[pin] body: Incoming },
+        Upstream { #[pin] body: crate::upstream::PooledBody },
         /// A backend's body with extra behaviour (SSE heartbeats, access logging): boxed so
         /// the common path stays small.
         Boxed { #[pin] body: http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError> },

@@ -2,8 +2,11 @@
 
 use http::StatusCode;
 
+use super::body::BoxError;
+
 /// A request the gateway answers itself. Display is the one-line reason that goes into the
-/// response body and the log, naming the route and backend where there is one.
+/// response body: it names the route and the kind of failure, never a backend's address or an
+/// error chain (those go to the log, see [`ProxyError::backend`] and `source()`).
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route for host {host:?} and path {path:?}")]
@@ -12,31 +15,33 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("method {0} is not supported: streamgate is not a forward proxy")]
     MethodNotAllowed(http::Method),
-    #[error("route {route}: backend {backend} refused the connection")]
+    #[error("route {route}: backend refused the connection")]
     BackendRefused {
         route: String,
         backend: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: BoxError,
     },
-    #[error("route {route}: backend {backend} failed: {}", error_chain(source))]
+    #[error("route {route}: backend failed before answering")]
     BackendFailed {
         route: String,
         backend: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: BoxError,
     },
-    #[error("route {route}: backend {backend} did not accept a connection in time")]
+    #[error("route {route}: backend did not accept a connection in time")]
     ConnectTimeout { route: String, backend: String },
-    #[error("route {route}: backend {backend} sent no response head in time")]
+    #[error("route {route}: backend sent no response head in time")]
     ResponseTimeout { route: String, backend: String },
+    #[error("route {route}: no backend available")]
+    NoBackend { route: String },
     #[error("route {route}: bad WebSocket handshake: {reason}")]
     BadHandshake { route: String, reason: String },
     #[error("route {route}: Origin {origin:?} is not in websocket.allowed_origins")]
     OriginForbidden { route: String, origin: String },
     #[error("route {route}: websocket.max_connections reached")]
     RouteFull { route: String },
-    #[error("route {route}: backend {backend} broke the WebSocket handshake: {reason}")]
+    #[error("route {route}: backend broke the WebSocket handshake")]
     BadUpstreamHandshake {
         route: String,
         backend: String,
@@ -69,7 +74,32 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::RouteFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RouteFull { .. } | ProxyError::NoBackend { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// The backend involved, for the log line (never for the client).
+    pub fn backend(&self) -> Option<&str> {
+        match self {
+            ProxyError::BackendRefused { backend, .. }
+            | ProxyError::BackendFailed { backend, .. }
+            | ProxyError::ConnectTimeout { backend, .. }
+            | ProxyError::ResponseTimeout { backend, .. }
+            | ProxyError::BadUpstreamHandshake { backend, .. } => Some(backend),
+            _ => None,
+        }
+    }
+
+    /// What the log says beyond the client's line: the handshake reason or the error chain.
+    pub fn detail(&self) -> String {
+        match self {
+            ProxyError::BadUpstreamHandshake { reason, .. } => reason.clone(),
+            other => match std::error::Error::source(other) {
+                Some(source) => error_chain(source),
+                None => String::new(),
+            },
         }
     }
 
@@ -83,23 +113,8 @@ impl ProxyError {
 mod tests {
     use super::*;
 
-    fn refused() -> hyper_util::client::legacy::Error {
-        // A real connect error: nothing listens on a port we just released.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let addr = {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-                l.local_addr().expect("addr")
-            };
-            let client =
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .build_http::<http_body_util::Empty<bytes::Bytes>>();
-            let uri: http::Uri = format!("http://{addr}/").parse().expect("uri");
-            client.get(uri).await.expect_err("nothing listens")
-        })
+    fn refused() -> BoxError {
+        Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
     }
 
     #[test]
@@ -152,9 +167,15 @@ mod tests {
                 504,
             ),
             (ProxyError::RouteFull { route: route() }, 503),
+            (ProxyError::NoBackend { route: route() }, 503),
         ];
         for (error, status) in cases {
             assert_eq!(error.status().as_u16(), status, "{error}");
+            // The client's line never carries the backend's address.
+            assert!(!error.to_string().contains("\"b\""), "{error}");
+            if let Some(b) = error.backend() {
+                assert!(!error.to_string().contains(&format!(" {b} ")), "{error}");
+            }
         }
     }
 }

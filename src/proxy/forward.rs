@@ -1,11 +1,11 @@
-//! Plain HTTP forwarding: one request to one backend, bodies streamed both ways, a refused
-//! backend skipped once; event streams get [`SseBody`]. [`send`] is shared with the WebSocket
-//! handshake.
+//! Plain HTTP forwarding: one request to one backend of the route, chosen by its balancing
+//! policy, with retries where sending again is safe; event streams get [`SseBody`].
+//! [`send`] is shared with the WebSocket handshake.
 
 use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderValue};
-use http::uri::{self, Authority, PathAndQuery};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
@@ -17,7 +17,8 @@ use super::sse::{is_event_stream, SseBody};
 use super::ConnInfo;
 use crate::drain::Drain;
 use crate::router::Route;
-use crate::upstream::{classify, Failure};
+use crate::upstream::pool::{Conn, ConnectError};
+use crate::upstream::{Backend, OpenGuard, PickInput, PooledBody};
 
 /// Forwards `req` on `route` and returns the backend's response with its body streaming.
 /// `entry` learns the backend that answered, and whether the response is an event stream.
@@ -31,18 +32,35 @@ pub async fn forward(
     let (mut parts, body) = req.into_parts();
     prepare_headers(&mut parts.headers, &parts.uri, conn);
     let (body, slot) = UpstreamBody::new(body, &route.metrics.bytes_in);
-    let mut response = send(
-        route,
-        conn.id,
-        parts.method,
-        &parts.uri,
-        parts.headers,
-        body,
-        slot,
-        &mut entry.backend,
+    let sent = send(
+        BackendRequest {
+            route,
+            conn,
+            method: parts.method,
+            uri: &parts.uri,
+            headers: parts.headers,
+            body,
+            slot,
+            upgrade: None,
+        },
+        entry,
     )
     .await?;
+    let set_cookie = sent.set_cookie.then(|| {
+        route
+            .upstream
+            .affinity_cookie(sent.open.backend(), &route.config.path, conn.tls)
+    });
+    let mut response = sent.response;
     remove_hop_by_hop(response.headers_mut());
+    if let Some(Some(cookie)) = set_cookie {
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            response.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    let (parts, body) = response.into_parts();
+    let body = PooledBody::new(body, sent.conn, Some(sent.open));
+    let mut response = Response::from_parts(parts, body);
     if is_event_stream(response.headers()) {
         // The gateway may add heartbeats and a retry hint: the length is no longer known.
         response.headers_mut().remove(header::CONTENT_LENGTH);
@@ -55,85 +73,214 @@ pub async fn forward(
     Ok(response.map(|body| GatewayBody::Upstream { body }))
 }
 
-/// Sends a request to the route's next backend, and once more to the one after it if the
-/// first refused the connection (and the body has not started to go out).
-#[allow(clippy::too_many_arguments)] // one request's parts, kept apart to avoid a clone
+/// One request on its way to a backend: what it takes to send it, and to send it again.
+pub(super) struct BackendRequest<'a> {
+    pub route: &'a Arc<Route>,
+    pub conn: &'a ConnInfo,
+    pub method: Method,
+    /// The client's target; the backend gets its path (after `strip_prefix`).
+    pub uri: &'a Uri,
+    pub headers: HeaderMap,
+    pub body: UpstreamBody,
+    /// Where the client's body waits until a backend connection takes it (see [`UpstreamBody`]).
+    pub slot: Option<BodySlot>,
+    /// A WebSocket handshake: the connection goes to a task of the drain that hands the socket
+    /// over after the 101, instead of back to the pool.
+    pub upgrade: Option<&'a Drain>,
+}
+
+/// A backend's response head, and what the caller needs to finish the exchange.
+pub(super) struct Sent {
+    pub response: Response<Incoming>,
+    /// The connection to drive along with the body (None for an upgrade).
+    pub conn: Option<Conn>,
+    /// Counts the exchange as open on the backend until dropped.
+    pub open: OpenGuard,
+    /// `balance = "cookie"`: the response must set the affinity cookie.
+    pub set_cookie: bool,
+}
+
+/// Sends a request to the backend the route's policy picks. A try that failed before the
+/// request could have had any effect goes to another backend, up to `retries` more times:
+/// the connection was refused, timed out or was reset before a byte was written, or an
+/// idempotent request without a body met a kept-alive connection that the backend had just
+/// closed. Never once a response head arrived or a body began to go out.
 pub(super) async fn send(
-    route: &Arc<Route>,
-    conn_id: u64,
-    method: Method,
-    uri: &Uri,
-    mut headers: HeaderMap,
-    body: UpstreamBody,
-    slot: Option<BodySlot>,
-    backend_used: &mut Option<Authority>,
-) -> Result<Response<Incoming>, ProxyError> {
+    req: BackendRequest<'_>,
+    entry: &mut AccessEntry,
+) -> Result<Sent, ProxyError> {
+    let BackendRequest {
+        route,
+        conn,
+        method,
+        uri,
+        mut headers,
+        body,
+        slot,
+        upgrade,
+    } = req;
     let path = backend_path(route, uri)?;
+    let config = &route.config;
+    let tries = 1 + config.retries as usize;
+    let replayable =
+        matches!(method, Method::GET | Method::HEAD | Method::OPTIONS) && slot.is_none();
     let mut body = Some(body);
-    // At most two tries, whatever the number of backends.
-    let attempts = route.config.backends.len().min(2);
-    let mut tries = route.backends().take(attempts).peekable();
-    let mut failed = None;
-    while let Some(backend) = tries.next() {
-        let last = tries.peek().is_none();
-        let target = Uri::from_parts({
-            let mut parts = uri::Parts::default();
-            parts.scheme = Some(uri::Scheme::HTTP);
-            parts.authority = Some(backend.clone());
-            parts.path_and_query = Some(path.clone());
-            parts
-        })
-        .map_err(|_| ProxyError::BadRequest("request target is not a valid URI"))?;
-        let body = body.take().unwrap_or_else(|| match &slot {
-            Some(slot) => UpstreamBody::from_slot(slot, &route.metrics.bytes_in),
-            None => UpstreamBody::Empty,
-        });
-        let mut req = Request::new(body);
-        *req.method_mut() = method.clone();
-        *req.uri_mut() = target;
-        *req.version_mut() = Version::HTTP_11;
-        // A retry needs the headers again (a failed request is not handed back), so routes
-        // with two or more backends pay for one clone per request.
-        *req.headers_mut() = if last {
-            std::mem::take(&mut headers)
-        } else {
-            headers.clone()
+    let mut previous: Option<Arc<Backend>> = None;
+    for attempt in 1..=tries {
+        let last_try = attempt == tries;
+        let input = PickInput {
+            client_ip: conn.peer.ip(),
+            headers: &headers,
+            query: uri.query(),
+        };
+        let pick = route
+            .upstream
+            .pick(&input, previous.as_ref())
+            .ok_or_else(|| ProxyError::NoBackend {
+                route: route.name.clone(),
+            })?;
+        let backend = pick.backend;
+        entry.backend = Some(backend.address.clone());
+        let open = backend.begin();
+        let outlier = &route.upstream.outlier;
+        let retry = |why: &dyn std::fmt::Display| {
+            tracing::warn!(conn_id = conn.id, route = %route.name, backend = %backend.address, error = %why, attempt, "backend try failed, trying again");
         };
 
-        *backend_used = Some(backend.clone());
-        let sent = tokio::time::timeout(
-            route.config.response_header_timeout,
-            route.upstream.request(req),
-        )
-        .await;
-        let error = match sent {
-            Ok(Ok(response)) => return Ok(response),
-            Ok(Err(e)) => e,
+        let mut connection = match backend
+            .pool
+            .checkout(&backend, config.connect_timeout)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                route.all_metrics.connect_failure(backend.address.as_str());
+                if let Some(ejected) = backend.record_failure(outlier) {
+                    log_ejection(route, &backend, ejected);
+                }
+                // Another backend may answer; the same one refused a moment ago.
+                if !last_try && route.upstream.len() > 1 {
+                    retry(&crate::proxy::error::error_chain(&e));
+                    previous = Some(backend.clone());
+                    continue;
+                }
+                return Err(connect_error(route, &backend, e));
+            }
+        };
+        let mut request = Request::new(body.take().unwrap_or_else(|| match &slot {
+            Some(slot) => UpstreamBody::from_slot(slot, &route.metrics.bytes_in),
+            None => UpstreamBody::Empty,
+        }));
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = Uri::from(path.clone());
+        *request.version_mut() = Version::HTTP_11;
+        // A retry needs the headers again (a failed request is not handed back whole), so
+        // requests that may be tried again pay for one clone: on a route of several backends,
+        // or on a kept-alive connection that the backend may have closed meanwhile.
+        let reused = connection.reused;
+        let may_retry = !last_try && (reused || route.upstream.len() > 1);
+        *request.headers_mut() = if may_retry {
+            headers.clone()
+        } else {
+            std::mem::take(&mut headers)
+        };
+
+        let sending = async {
+            match upgrade {
+                None => connection
+                    .send(request)
+                    .await
+                    .map(|r| (r, Some(connection))),
+                Some(drain) => connection
+                    .send_upgrade(request, |driver| drain.spawn(driver))
+                    .await
+                    .map(|r| (r, None)),
+            }
+        };
+        let error = match tokio::time::timeout(config.response_header_timeout, sending).await {
             Err(_elapsed) => {
                 return Err(ProxyError::ResponseTimeout {
                     route: route.name.clone(),
-                    backend: backend.to_string(),
+                    backend: backend.address.to_string(),
                 })
             }
+            Ok(Ok((response, connection))) => {
+                let status = response.status().as_u16();
+                backend.metrics.response(status);
+                if matches!(status, 502..=504) {
+                    if let Some(ejected) = backend.record_failure(outlier) {
+                        log_ejection(route, &backend, ejected);
+                    }
+                } else {
+                    backend.record_success();
+                }
+                return Ok(Sent {
+                    response,
+                    conn: connection,
+                    open,
+                    set_cookie: pick.set_cookie,
+                });
+            }
+            Ok(Err(e)) => e,
         };
-        let failure = classify(&error);
-        if error.is_connect() {
-            route.all_metrics.connect_failure(backend.as_ref());
+        // Nothing was written, or a kept-alive connection was closed under an idempotent
+        // request (the backend's idle close racing our reuse): sending again is safe.
+        // (A fresh connection to the only backend is worth it only for a reused one.)
+        let unsent = error.unsent.is_some()
+            && UpstreamBody::unsent(&slot)
+            && (reused || route.upstream.len() > 1);
+        let stale = reused && replayable && !error.error.is_timeout();
+        if !reused {
+            if let Some(ejected) = backend.record_failure(outlier) {
+                log_ejection(route, &backend, ejected);
+            }
         }
-        if failure == Failure::Refused && !last && UpstreamBody::unsent(&slot) {
-            tracing::warn!(
-                conn_id,
-                route = %route.name,
-                %backend,
-                "backend refused the connection, trying the next one"
-            );
+        if reused {
+            // The backend closed one kept-alive connection: it may have closed (or, restarted,
+            // lost) all of them, and the next try should not meet another.
+            backend.pool.clear();
+        }
+        if (unsent || stale) && may_retry {
+            retry(&crate::proxy::error::error_chain(&error.error));
+            previous = Some(backend.clone());
             continue;
         }
-        failed = Some(failure.into_error(route, backend, error));
-        break;
+        return Err(ProxyError::BackendFailed {
+            route: route.name.clone(),
+            backend: backend.address.to_string(),
+            source: Box::new(error.error),
+        });
     }
-    // `failed` is None only for a route without backends, which config validation refuses.
-    Err(failed.unwrap_or(ProxyError::BadRequest("route has no backends")))
+    // The loop returns on its last try.
+    Err(ProxyError::NoBackend {
+        route: route.name.clone(),
+    })
+}
+
+fn connect_error(route: &Route, backend: &Backend, e: ConnectError) -> ProxyError {
+    let (route, backend) = (route.name.clone(), backend.address.to_string());
+    match e {
+        ConnectError::Timeout => ProxyError::ConnectTimeout { route, backend },
+        ConnectError::Refused(_) => ProxyError::BackendRefused {
+            route,
+            backend,
+            source: Box::new(e),
+        },
+        other => ProxyError::BackendFailed {
+            route,
+            backend,
+            source: Box::new(other),
+        },
+    }
+}
+
+fn log_ejection(route: &Route, backend: &Backend, length: std::time::Duration) {
+    tracing::warn!(
+        route = %route.name,
+        backend = %backend.address,
+        ejection_ms = length.as_millis() as u64,
+        "backend ejected after consecutive failures"
+    );
 }
 
 /// The path and query for the backend: the client's, shared as it is, or with the route's

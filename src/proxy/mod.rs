@@ -55,7 +55,22 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Requests that matched no route are counted under route "-".
     unrouted: Arc<RouteMetrics>,
+    /// The latest failures on the backend side, newest last, for the dashboard.
+    pub recent_errors: std::sync::Mutex<std::collections::VecDeque<RecentError>>,
 }
+
+/// One failure the dashboard lists (what the client was told, not the backend's address).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecentError {
+    /// Unix time in milliseconds.
+    pub time_ms: u64,
+    pub route: String,
+    pub status: u16,
+    pub error: String,
+}
+
+/// How many failures the dashboard keeps.
+const RECENT_ERRORS: usize = 20;
 
 impl Gateway {
     pub fn new(
@@ -72,6 +87,7 @@ impl Gateway {
             drain,
             unrouted: Arc::new(metrics.route("-")),
             metrics,
+            recent_errors: Default::default(),
         }
     }
 
@@ -107,7 +123,15 @@ impl Gateway {
                 let route = entry.route.as_ref().map_or("-", |r| r.name.as_str());
                 // conn_id is a field, not only the span's: spans are filtered with the level.
                 if error.is_upstream() {
-                    tracing::warn!(conn_id = conn.id, route, error = %error, "request failed");
+                    tracing::warn!(
+                        conn_id = conn.id,
+                        route,
+                        backend = error.backend().unwrap_or("-"),
+                        error = %error,
+                        detail = %error.detail(),
+                        "request failed"
+                    );
+                    self.remember(route, &error);
                 } else {
                     tracing::debug!(conn_id = conn.id, route, error = %error, "request refused");
                 }
@@ -116,6 +140,23 @@ impl Gateway {
         };
         entry.status = response.status().as_u16();
         Ok(response.map(|body| Logged::new(body, entry)))
+    }
+
+    fn remember(&self, route: &str, error: &ProxyError) {
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        if let Ok(mut recent) = self.recent_errors.lock() {
+            if recent.len() == RECENT_ERRORS {
+                recent.pop_front();
+            }
+            recent.push_back(RecentError {
+                time_ms,
+                route: route.to_string(),
+                status: error.status().as_u16(),
+                error: error.to_string(),
+            });
+        }
     }
 
     async fn route(

@@ -7,9 +7,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::upstream::PooledBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -98,7 +98,7 @@ enum Ending {
 
 /// The backend's event stream on its way to the client.
 pub struct SseBody {
-    inner: Incoming,
+    inner: PooledBody,
     route: Arc<Route>,
     conn_id: u64,
     boundary: Boundary,
@@ -115,7 +115,7 @@ pub struct SseBody {
 }
 
 impl SseBody {
-    pub fn new(inner: Incoming, route: Arc<Route>, conn_id: u64, drain: &Drain) -> SseBody {
+    pub fn new(inner: PooledBody, route: Arc<Route>, conn_id: u64, drain: &Drain) -> SseBody {
         let SseConfig {
             heartbeat,
             idle_timeout,

@@ -265,3 +265,29 @@ impl Fetched {
         Echo::parse(&self.body)
     }
 }
+
+/// [`tls_connect`] from a chosen local address (`127.0.0.2`, `127.0.0.3`, ...: all of 127/8 is
+/// this host), so the gateway sees a different client IP.
+pub async fn tls_connect_from(
+    local: IpAddr,
+    addr: SocketAddr,
+    ca: &TestCa,
+    sni: &str,
+    alpn: &[&[u8]],
+) -> TlsStream<TcpStream> {
+    let config = ca.client_config(alpn, true);
+    let name = ServerName::try_from(sni.to_string()).expect("valid SNI name");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(local, 0))
+        .expect("bind the client's local address");
+    let tcp = within("TCP connect to the gateway", socket.connect(addr))
+        .await
+        .expect("gateway accepts connections");
+    within(
+        "TLS handshake with the gateway",
+        TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .expect("TLS handshake succeeds")
+}

@@ -1,15 +1,14 @@
 //! The gateway under test: a config written from a builder, certificates from a test CA, and
 //! `streamgate::serve` on listeners bound to 127.0.0.1:0, exactly as `main` runs it.
 
-use std::net::SocketAddr;
-use std::path::Path;
+use std::net::{IpAddr, SocketAddr};
 
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::client::{tls_connect, Client, Proto};
+use super::client::{tls_connect, tls_connect_from, Client, Proto};
 use super::pki::TestCa;
 use super::within;
 
@@ -20,6 +19,7 @@ pub const DEFAULT_NAMES: &[&str] = &["gw.test", "*.gw.test", "*.apps.gw.test"];
 pub struct Route {
     host: Option<String>,
     path: String,
+    /// Each backend as a TOML value: a string, or an inline table with `url`.
     backends: Vec<String>,
     settings: Vec<(String, String)>,
 }
@@ -42,7 +42,14 @@ impl Route {
 
     /// Adds a backend by URL (`http://127.0.0.1:PORT`).
     pub fn to(mut self, url: impl Into<String>) -> Route {
-        self.backends.push(url.into());
+        self.backends.push(format!("{:?}", url.into()));
+        self
+    }
+
+    /// Adds a backend as an inline table: `url` and more `keys` (TOML, e.g. `weight = 3`).
+    pub fn backend_with(mut self, url: impl Into<String>, keys: &str) -> Route {
+        self.backends
+            .push(format!("{{ url = {:?}, {keys} }}", url.into()));
         self
     }
 
@@ -62,7 +69,7 @@ impl Route {
             t.push_str(&format!("host = {host:?}\n"));
         }
         t.push_str(&format!("path = {:?}\n", self.path));
-        t.push_str(&format!("backends = {:?}\n", self.backends));
+        t.push_str(&format!("backends = [{}]\n", self.backends.join(", ")));
         for (k, v) in &self.settings {
             t.push_str(&format!("{k} = {v}\n"));
         }
@@ -76,6 +83,7 @@ pub struct GatewayBuilder {
     routes: Vec<Route>,
     http_mode: Option<&'static str>,
     extra: String,
+    admin: bool,
 }
 
 impl GatewayBuilder {
@@ -85,6 +93,7 @@ impl GatewayBuilder {
             routes: Vec::new(),
             http_mode: None,
             extra: String::new(),
+            admin: false,
         }
     }
 
@@ -102,6 +111,12 @@ impl GatewayBuilder {
     /// Binds the plain listener too, with `http_mode` set to `mode`.
     pub fn plain_listener(mut self, mode: &'static str) -> GatewayBuilder {
         self.http_mode = Some(mode);
+        self
+    }
+
+    /// Starts the admin listener (`/healthz`, `/metrics`, `/backends`, ...) on 127.0.0.1:0 too.
+    pub fn admin(mut self) -> GatewayBuilder {
+        self.admin = true;
         self
     }
 
@@ -136,11 +151,16 @@ impl GatewayBuilder {
             text.push_str(&format!("[[cert]]\ncert = {cert:?}\nkey = {key:?}\n"));
             leaves.push(leaf.der);
         }
+        // What a reload keeps: everything but the routes.
+        let head = text.clone();
         for r in &self.routes {
             text.push_str(&r.toml());
         }
 
-        let config = streamgate::config::Config::parse(Path::new("test.toml"), &text)
+        // In a real file, so a reload reads it as SIGHUP would.
+        let path = dir.path().join("streamgate.toml");
+        std::fs::write(&path, &text).expect("write config");
+        let config = streamgate::config::Config::load(&path)
             .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{text}"));
         let loaded = streamgate::tls::load_certs(&config.certs).expect("load test certificates");
         let https = TcpListener::bind("127.0.0.1:0").await.expect("bind https");
@@ -152,22 +172,50 @@ impl GatewayBuilder {
         let http_addr = http.as_ref().map(|l| l.local_addr().expect("http address"));
         let listeners = streamgate::Listeners { https, http };
 
+        let admin = if self.admin {
+            Some(TcpListener::bind("127.0.0.1:0").await.expect("bind admin"))
+        } else {
+            None
+        };
+        let admin_addr = admin
+            .as_ref()
+            .map(|l| l.local_addr().expect("admin address"));
+
         let (shutdown, stop) = oneshot::channel::<()>();
+        let (reloader_tx, reloader_rx) = oneshot::channel();
         let serving = tokio::spawn(async move {
             let stop = async {
                 let _ = stop.await;
             };
+            if let Some(admin) = admin {
+                let server = streamgate::Server::new(config, &loaded, listeners)
+                    .map_err(|e| e.to_string())?;
+                let _ = reloader_tx.send(server.reloader());
+                server.with_admin(admin).run(stop).await;
+                return Ok(());
+            }
             streamgate::serve(&config, &loaded, listeners, stop)
                 .await
                 .map_err(|e| e.to_string())
         });
+        let reloader = match admin_addr {
+            Some(_) => Some(
+                within("the server to start", reloader_rx)
+                    .await
+                    .expect("server starts"),
+            ),
+            None => None,
+        };
         TestGateway {
             https: https_addr,
             http: http_addr,
+            admin: admin_addr,
             ca,
             leaves,
             shutdown: Some(shutdown),
             serving,
+            config: (path, head),
+            reloader,
             _dir: dir,
         }
     }
@@ -177,11 +225,17 @@ impl GatewayBuilder {
 pub struct TestGateway {
     pub https: SocketAddr,
     pub http: Option<SocketAddr>,
+    /// The admin listener, when the builder asked for one.
+    pub admin: Option<SocketAddr>,
     pub ca: TestCa,
     /// The leaf certificate of each `[[cert]]`, in config order.
     pub leaves: Vec<CertificateDer<'static>>,
     shutdown: Option<oneshot::Sender<()>>,
     serving: JoinHandle<Result<(), String>>,
+    /// The config file, and its text without the routes.
+    config: (std::path::PathBuf, String),
+    /// Reloads the config file (built with `.admin()` only).
+    reloader: Option<std::sync::Arc<streamgate::reload::Reloader>>,
     _dir: tempfile::TempDir,
 }
 
@@ -203,10 +257,35 @@ impl TestGateway {
         Client::over_tls(proto, tls, authority).await
     }
 
+    /// A TLS client (SNI and host `authority`) whose connection comes from `local`
+    /// (`127.0.0.2`, ...), so the gateway sees that client IP.
+    pub async fn client_from(&self, local: IpAddr, proto: Proto, authority: &str) -> Client {
+        let tls = tls_connect_from(local, self.https, &self.ca, authority, &[proto.alpn()]).await;
+        Client::over_tls(proto, tls, authority).await
+    }
+
     /// A client on the plain listener.
     pub async fn plain_client(&self, proto: Proto, authority: &str) -> Client {
         let addr = self.http.expect("gateway was built with a plain listener");
         Client::plain(proto, addr, authority).await
+    }
+
+    /// Rewrites the config file with `routes` in place of the routes it had, and reloads it
+    /// as SIGHUP would (the gateway must have been built with `.admin()`).
+    pub async fn reload(&self, routes: &[Route]) -> Result<(), String> {
+        let (path, head) = &self.config;
+        let mut text = head.clone();
+        for r in routes {
+            text.push_str(&r.toml());
+        }
+        std::fs::write(path, text).expect("write config");
+        let reloader = self
+            .reloader
+            .clone()
+            .expect("the gateway was built with .admin(), which keeps its reloader");
+        tokio::task::spawn_blocking(move || reloader.reload().map_err(|e| e.to_string()))
+            .await
+            .expect("reload does not panic")
     }
 
     /// Resolves the shutdown future passed to `serve`.

@@ -1,9 +1,11 @@
 //! The integration-test harness: real backends, a gateway started through `streamgate::serve`
 //! on 127.0.0.1:0 with certificates made at test time, and HTTP/1.1 and HTTP/2 TLS clients.
 
+pub mod admin;
 pub mod backend;
 pub mod body;
 pub mod client;
+pub mod dns;
 pub mod gateway;
 pub mod pki;
 pub mod process;

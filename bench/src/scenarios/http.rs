@@ -12,14 +12,14 @@ use super::{Better, Env, Goal, Latencies, Meter, Row, Target, SLACK};
 use crate::proxies::{Kind, CLIENT_CORE};
 use crate::{sys, tls};
 
-const CONNS: usize = 64;
+pub(super) const CONNS: usize = 64;
 
-struct LoadResult {
-    requests: f64,
-    rps: f64,
-    p50_ms: Option<f64>,
-    p99_ms: Option<f64>,
-    errors: String,
+pub(super) struct LoadResult {
+    pub requests: f64,
+    pub rps: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub errors: String,
 }
 
 pub async fn keepalive(env: &Env, h2: bool) {
@@ -77,7 +77,7 @@ fn client_cmd(program: &str) -> Command {
     c
 }
 
-async fn wrk(t: &Target, dur: u64) -> anyhow::Result<LoadResult> {
+pub(super) async fn wrk(t: &Target, dur: u64) -> anyhow::Result<LoadResult> {
     let mut cmd = client_cmd("wrk");
     cmd.args([
         "-t1",

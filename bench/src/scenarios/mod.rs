@@ -2,6 +2,7 @@
 //! in: for each scenario, each target in turn.
 
 pub mod bulk;
+pub mod fleet;
 pub mod http;
 pub mod idle;
 pub mod sse;
@@ -20,8 +21,11 @@ use crate::tls::Clients;
 /// Everything the scenarios run against.
 pub struct Env {
     pub setup: Setup,
-    /// The three proxies; replaced by fresh processes before the idle-memory scenario.
+    /// The proxies under test (all three unless --targets says otherwise); replaced by fresh
+    /// processes before the idle-memory scenario.
     pub proxies: RefCell<Vec<Proxy>>,
+    /// Whether the backend itself is a target (--targets).
+    pub direct: bool,
     pub backend_pid: u32,
     pub quick: bool,
     pub tls: Clients,
@@ -46,6 +50,14 @@ pub struct Target {
 }
 
 impl Target {
+    pub fn of(p: &Proxy) -> Target {
+        Target {
+            kind: p.kind,
+            addr: p.addr,
+            pid: Some(p.pid()),
+        }
+    }
+
     pub fn is_direct(&self) -> bool {
         self.kind == Kind::Direct
     }
@@ -65,29 +77,28 @@ impl Target {
 impl Env {
     /// Proxies first, direct last, in a fixed order for every scenario.
     pub fn targets(&self) -> Vec<Target> {
-        let mut t: Vec<Target> = self
-            .proxies
-            .borrow()
-            .iter()
-            .map(|p| Target {
-                kind: p.kind,
-                addr: p.addr,
-                pid: Some(p.pid()),
-            })
-            .collect();
-        t.push(Target {
-            kind: Kind::Direct,
-            addr: self.setup.backend,
-            pid: None,
-        });
+        let mut t: Vec<Target> = self.proxies.borrow().iter().map(Target::of).collect();
+        if self.direct {
+            t.push(Target {
+                kind: Kind::Direct,
+                addr: self.setup.backend,
+                pid: None,
+            });
+        }
         t
+    }
+
+    /// The kinds of proxy under test, in order.
+    pub fn proxy_kinds(&self) -> Vec<Kind> {
+        self.proxies.borrow().iter().map(|p| p.kind).collect()
     }
 
     /// Stops the proxies and starts fresh ones (new processes, new ports).
     pub fn restart_proxies(&self) -> anyhow::Result<()> {
+        let kinds = self.proxy_kinds();
         let mut p = self.proxies.borrow_mut();
         p.clear();
-        for k in Kind::PROXIES {
+        for k in kinds {
             p.push(proxies::start(k, &self.setup)?);
         }
         Ok(())
@@ -154,7 +165,7 @@ pub struct CpuNote {
 pub struct Meter {
     t0: Instant,
     pid: Option<u32>,
-    backend_pid: u32,
+    backend_pids: Vec<u32>,
     proxy0: f64,
     backend0: f64,
     self0: f64,
@@ -164,12 +175,17 @@ pub struct Meter {
 
 impl Meter {
     pub fn start(env: &Env, t: &Target) -> Meter {
+        Meter::start_with(t, &[env.backend_pid])
+    }
+
+    /// With other backend processes than the shared one (their CPU summed).
+    pub fn start_with(t: &Target, backend_pids: &[u32]) -> Meter {
         Meter {
             t0: Instant::now(),
             pid: t.pid,
-            backend_pid: env.backend_pid,
+            backend_pids: backend_pids.to_vec(),
             proxy0: t.pid.map(sys::tree_cpu).unwrap_or(0.0),
-            backend0: sys::proc_cpu(env.backend_pid).unwrap_or(0.0),
+            backend0: backends_cpu(backend_pids),
             self0: sys::self_cpu(),
             children0: sys::children_cpu(),
             cores0: sys::cores_busy(),
@@ -185,7 +201,7 @@ impl Meter {
         let mut u = Usage {
             wall: self.t0.elapsed().as_secs_f64(),
             proxy: self.pid.map(sys::tree_cpu).unwrap_or(0.0) - self.proxy0,
-            backend: sys::proc_cpu(self.backend_pid).unwrap_or(0.0) - self.backend0,
+            backend: backends_cpu(&self.backend_pids) - self.backend0,
             loadgen: (sys::self_cpu() - self.self0) + (sys::children_cpu() - self.children0),
             other0: 0.0,
             other1: 0.0,
@@ -194,6 +210,10 @@ impl Meter {
         u.other1 = (core(1) - u.loadgen - u.backend).max(0.0);
         u
     }
+}
+
+fn backends_cpu(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|&p| sys::proc_cpu(p)).sum()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -272,9 +292,10 @@ impl Latencies {
 pub const SLACK: Duration = Duration::from_secs(30);
 
 /// The scenarios in the order they run, by the names `--only` takes.
-pub const NAMES: [&str; 10] = [
+pub const NAMES: [&str; 11] = [
     "h1",
     "h2",
+    "fleet",
     "newconn",
     "ws-echo",
     "ws-tput",
@@ -295,6 +316,7 @@ pub async fn run(env: &Env, only: &[String]) -> anyhow::Result<()> {
         match name {
             "h1" => http::keepalive(env, false).await,
             "h2" => http::keepalive(env, true).await,
+            "fleet" => fleet::run(env).await,
             "newconn" => http::new_connections(env).await,
             "ws-echo" => wsock::echo_latency(env).await,
             "ws-tput" => wsock::throughput(env).await,

@@ -18,11 +18,12 @@ use tracing::Instrument;
 use super::access::AccessEntry;
 use super::body::{GatewayBody, UpstreamBody};
 use super::error::ProxyError;
-use super::forward::{prepare_headers, send};
+use super::forward::{prepare_headers, send, BackendRequest};
 use super::headers::{has_token, remove_hop_by_hop};
 use super::ConnInfo;
 use crate::drain::Drain;
 use crate::router::Route;
+use crate::upstream::PooledBody;
 use relay::{relay, RelayConfig};
 
 const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
@@ -86,22 +87,31 @@ pub async fn bridge(
         None
     };
 
-    let mut response = send(
-        route,
-        conn.id,
-        Method::GET,
-        &parts.uri,
-        parts.headers,
-        UpstreamBody::Empty,
-        None,
-        &mut entry.backend,
+    let sent = send(
+        BackendRequest {
+            route,
+            conn,
+            method: Method::GET,
+            uri: &parts.uri,
+            headers: parts.headers,
+            body: UpstreamBody::Empty,
+            slot: None,
+            upgrade: Some(drain),
+        },
+        entry,
     )
     .await?;
-    let backend = entry
-        .backend
-        .as_ref()
-        .map(|b| b.to_string())
-        .unwrap_or_default();
+    let mut response = sent.response;
+    let open = sent.open;
+    let backend = open.backend().address.to_string();
+    let cookie = if sent.set_cookie {
+        route
+            .upstream
+            .affinity_cookie(open.backend(), &route.config.path, conn.tls)
+            .and_then(|c| HeaderValue::from_str(&c).ok())
+    } else {
+        None
+    };
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The backend said no: its answer reaches the client as it is.
         tracing::info!(
@@ -112,7 +122,9 @@ pub async fn bridge(
             "backend declined the WebSocket handshake"
         );
         remove_hop_by_hop(response.headers_mut());
-        return Ok(response.map(|body| GatewayBody::Upstream { body }));
+        return Ok(response.map(|body| GatewayBody::Upstream {
+            body: PooledBody::new(body, None, Some(open)),
+        }));
     }
     let upstream_bad = |reason: &str| ProxyError::BadUpstreamHandshake {
         route: route.name.clone(),
@@ -146,6 +158,9 @@ pub async fn bridge(
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     *reply.headers_mut() = headers;
+    if let Some(cookie) = cookie {
+        reply.headers_mut().append(header::SET_COOKIE, cookie);
+    }
     // The tunnel's own access line reports its lifetime.
     entry.stream = true;
 
@@ -157,8 +172,8 @@ pub async fn bridge(
         conn_id: conn.id,
         drain: drain.clone(),
         // Held for the tunnel's life: the route's place, the connection's place under
-        // max_connections, and its count as busy (not idle).
-        _guards: (slot, conn.slot.clone(), conn.activity.begin()),
+        // max_connections, its count as busy (not idle), and its count on the backend.
+        _guards: (slot, conn.slot.clone(), conn.activity.begin(), open),
     };
     drain.spawn(tunnel.run().instrument(tracing::Span::current()));
     Ok(reply)
@@ -176,6 +191,7 @@ struct Tunnel {
         Option<tokio::sync::OwnedSemaphorePermit>,
         Arc<crate::conn::ConnSlot>,
         crate::conn::ActiveGuard,
+        crate::upstream::OpenGuard,
     ),
 }
 
