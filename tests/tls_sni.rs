@@ -72,3 +72,53 @@ async fn missing_or_unknown_sni_gets_the_first_certificate() {
         }
     }
 }
+
+#[tokio::test]
+async fn returning_clients_resume_their_session_over_tls_1_3_and_1_2() {
+    use rustls::HandshakeKind;
+    use std::sync::Arc;
+    let backend = Backend::echo("b").await;
+    let gw = GatewayBuilder::new()
+        .route(route("/").to(backend.url()))
+        .start()
+        .await;
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        // The same client config (and so the same session store) for every connection, as a
+        // browser keeps its sessions.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(gw.ca.der()).expect("CA certificate");
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[version])
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = Arc::new(config);
+        let mut kinds = Vec::new();
+        for _ in 0..3 {
+            let tcp = tokio::net::TcpStream::connect(gw.https)
+                .await
+                .expect("connect");
+            let name = rustls_pki_types::ServerName::try_from("a.gw.test").expect("name");
+            let tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .expect("handshake");
+            kinds.push(tls.get_ref().1.handshake_kind());
+            // A request, so the client reads the TLS 1.3 tickets that follow the handshake.
+            let mut client = crate::support::Client::over_tls(Proto::H1, tls, "a.gw.test").await;
+            assert_eq!(client.get("/").await.echo().backend, "b");
+        }
+        assert_eq!(
+            kinds,
+            [
+                Some(HandshakeKind::Full),
+                Some(HandshakeKind::Resumed),
+                Some(HandshakeKind::Resumed)
+            ],
+            "{version:?}"
+        );
+    }
+}

@@ -30,6 +30,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
 /// Idle connections kept per backend; more are closed when they come back.
 const MAX_IDLE: usize = 512;
 
+/// The most a backend connection reads ahead (hyper's default grows to ~400 KiB). A body chunk
+/// is at most this big, and a response waiting on a client that stopped reading holds about
+/// three of them (the channel to the body, the client connection's write queue, TLS), so this
+/// bounds the memory a stalled reader costs; also the largest response head a backend may send.
+const READ_BUFFER: usize = 32 * 1024;
+
 type Driver = http1::Connection<TokioIo<TcpStream>, UpstreamBody>;
 
 /// Idle connections to one backend, warmest last.
@@ -120,6 +126,7 @@ pub(crate) async fn connect(backend: &Backend, timeout: Duration) -> Result<Conn
     let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
     let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
     let (sender, driver) = http1::Builder::new()
+        .max_buf_size(READ_BUFFER)
         .handshake(TokioIo::new(tcp))
         .await
         .map_err(ConnectError::Handshake)?;
