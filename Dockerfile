@@ -11,7 +11,8 @@
 
 FROM rust:1.95-bookworm AS build
 
-# musl-gcc compiles ring's C and assembly for the static target. Not pinned: the version is
+# musl-gcc compiles ring's and aws-lc's C and assembly for the static target (aws-lc gives rustls
+# the post-quantum X25519MLKEM768 key exchange). Not pinned: the version is
 # whatever bookworm ships, and a pin would break the build at Debian's next point release.
 # hadolint ignore=DL3008
 RUN apt-get update \

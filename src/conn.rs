@@ -1,16 +1,22 @@
 //! One client connection: the TLS handshake under a deadline, then hyper's HTTP/1.1 or HTTP/2
-//! server (by ALPN) with the protection limits, until the client leaves or the drain ends it.
+//! server (by ALPN, else by the preface) with the protection limits, until the client leaves or
+//! the drain ends it.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
@@ -21,40 +27,49 @@ use crate::drain::Drain;
 use crate::metrics::ConnLabels;
 use crate::proxy::{ConnInfo, Gateway};
 
+/// The HTTP/2 connection preface (RFC 9113 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// Everything a connection task needs, shared by all connections of a listener.
 pub struct ConnContext {
     pub gateway: Arc<Gateway>,
     pub limits: Limits,
     pub drain: Drain,
-    /// hyper's server settings, built once from `limits`: by ALPN, auto-detected, h1, h2.
-    auto: auto::Builder<TokioExecutor>,
-    h1: auto::Builder<TokioExecutor>,
-    h2: auto::Builder<TokioExecutor>,
+    /// hyper's server settings, built once from `limits`, one per protocol. The protocol is
+    /// decided before either is used (ALPN, else the preface), so a connection speaks exactly
+    /// one: hyper-util's `auto` builder ignores `http1_only`/`http2_only` when serving with
+    /// upgrades and would let an `h2` client speak HTTP/1.1.
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    /// Open connections by client address, for `limits.per_ip_connections`.
+    by_ip: Arc<crate::limiter::ConnectionsByIp>,
 }
 
 impl ConnContext {
     pub fn new(gateway: Arc<Gateway>, limits: Limits, drain: Drain) -> ConnContext {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
+            // The exact limit on a request head (431 beyond it); the buffer bound alone depends
+            // on how the bytes happen to arrive.
+            .max_header_size(limits.max_header_size)
             .max_buf_size(limits.max_header_size)
-            .keep_alive(true)
-            .http2()
-            .timer(TokioTimer::new())
+            .keep_alive(true);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .max_concurrent_streams(limits.h2_max_concurrent_streams)
             .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
             .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
             .max_header_list_size(limits.max_header_size as u32)
+            // RFC 8441 3: WebSockets over HTTP/2.
             .enable_connect_protocol();
         ConnContext {
             gateway,
             limits,
             drain,
-            h1: builder.clone().http1_only(),
-            h2: builder.clone().http2_only(),
-            auto: builder,
+            h1,
+            h2,
+            by_ip: Arc::default(),
         }
     }
 
@@ -67,6 +82,10 @@ impl ConnContext {
         acceptor: TlsAcceptor,
         slot: OwnedSemaphorePermit,
     ) {
+        let mut tcp = tcp;
+        let Some(admitted) = self.admit(&mut tcp, peer).await else {
+            return;
+        };
         let handshake =
             tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor.accept(tcp)).await;
         let tls = match handshake {
@@ -90,19 +109,21 @@ impl ConnContext {
         let span = tracing::Span::current();
         span.record("sni", sni.as_deref().unwrap_or("-"));
         span.record("alpn", alpn.as_deref().unwrap_or("-"));
+        // The protocol ALPN chose is the protocol spoken (RFC 7301 3.2; RFC 9113 3.2).
         let proto = match alpn.as_deref() {
             Some("h2") => Proto::H2,
             Some(_) => Proto::H1,
             None => Proto::Auto,
         };
-        let conn = ConnInfo {
+        let accepted = Accepted {
             id,
             peer,
+            listener: "https",
             tls: true,
-            slot: self.slot(slot, "https", &proto),
-            activity: Arc::new(Activity::new()),
+            permit: slot,
+            admitted,
         };
-        self.serve(tls, conn, proto).await
+        self.serve(tls, accepted, proto).await
     }
 
     /// Serves a connection accepted on the plain listener.
@@ -113,47 +134,126 @@ impl ConnContext {
         peer: SocketAddr,
         slot: OwnedSemaphorePermit,
     ) {
-        let conn = ConnInfo {
+        let mut tcp = tcp;
+        let Some(admitted) = self.admit(&mut tcp, peer).await else {
+            return;
+        };
+        let accepted = Accepted {
             id,
             peer,
+            listener: "http",
             tls: false,
-            slot: self.slot(slot, "http", &Proto::Auto),
-            activity: Arc::new(Activity::new()),
+            permit: slot,
+            admitted,
         };
-        self.serve(tcp, conn, Proto::Auto).await
+        self.serve(tcp, accepted, Proto::Auto).await
+    }
+
+    /// Who the client is, and whether it may open another connection: the PROXY protocol
+    /// header first when it is required (only trusted balancers may send one, under the header
+    /// read deadline), then `limits.per_ip_connections` for that client. None: closed.
+    async fn admit(&self, tcp: &mut TcpStream, peer: SocketAddr) -> Option<Admitted> {
+        let gateway = &self.gateway;
+        let peer_trusted = gateway.trusted.contains(peer.ip());
+        let (client, proxied) = if gateway.proxy_protocol {
+            if !peer_trusted {
+                tracing::debug!("closed: not a trusted proxy, and proxy_protocol requires one");
+                return None;
+            }
+            let read = crate::proxy_protocol::read_header(tcp, self.limits.header_read_timeout);
+            match read.await {
+                Ok(source) => (source.map_or(peer.ip(), |s| s.ip()), true),
+                Err(e) => {
+                    tracing::debug!(error = %e, "closed: bad PROXY protocol header");
+                    return None;
+                }
+            }
+        } else {
+            (peer.ip(), false)
+        };
+        let ip_guard = match self.limits.per_ip_connections {
+            0 => None,
+            max => match self.by_ip.try_open(client, max) {
+                Some(guard) => Some(guard),
+                None => {
+                    tracing::debug!(client = %client, max, "closed: limits.per_ip_connections reached");
+                    gateway.metrics.per_ip_refused.inc();
+                    return None;
+                }
+            },
+        };
+        if proxied {
+            tracing::Span::current().record("client.addr", tracing::field::display(client));
+        }
+        Some(Admitted {
+            client,
+            forwarded_trusted: peer_trusted && !proxied,
+            ip_guard,
+        })
     }
 
     /// Counts the connection as open until its last holder lets go of the slot.
-    fn slot(
-        &self,
-        permit: OwnedSemaphorePermit,
-        listener: &'static str,
-        proto: &Proto,
-    ) -> Arc<ConnSlot> {
-        // Without ALPN, hyper tells h1 from h2 by the preface; count those as h1 (the usual case).
-        let protocol = if matches!(proto, Proto::H2) {
-            "h2"
-        } else {
-            "h1"
-        };
+    fn slot(&self, accepted: Accepted, h2: bool) -> Arc<ConnSlot> {
+        let protocol = if h2 { "h2" } else { "h1" };
         let open = self
             .gateway
             .metrics
             .connections
-            .get_or_create_owned(&ConnLabels { listener, protocol });
+            .get_or_create_owned(&ConnLabels {
+                listener: accepted.listener,
+                protocol,
+            });
         open.inc();
         Arc::new(ConnSlot {
-            _permit: permit,
+            _permit: accepted.permit,
+            _ip: accepted.admitted.ip_guard,
             open,
         })
     }
 
-    async fn serve<I>(&self, io: I, conn: ConnInfo, proto: Proto)
+    async fn serve<I>(&self, io: I, accepted: Accepted, proto: Proto)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let activity = Arc::new(Activity::new());
+        let (io, h2) = match proto {
+            Proto::H1 => (Rewind::new(io, Bytes::new()), false),
+            // h2 by ALPN: the preface is checked here, so a bad one gets a GOAWAY (hyper's h2
+            // server just closes). No ALPN (the plain listener, or a TLS client that offered
+            // none): the preface decides. Both under the idle deadline and the drain.
+            Proto::H2 | Proto::Auto => {
+                let detected = tokio::select! {
+                    r = detect(io) => r,
+                    _ = activity.idle(self.limits.idle_timeout) => {
+                        tracing::debug!("connection closed before its first bytes");
+                        return;
+                    }
+                    _ = self.drain.draining() => return,
+                };
+                match detected {
+                    Ok((io, false)) if matches!(proto, Proto::H2) => {
+                        tracing::debug!("invalid http/2 preface");
+                        self.refuse_h2(io).await;
+                        return;
+                    }
+                    Ok(detected) => detected,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "connection ended before its first bytes");
+                        return;
+                    }
+                }
+            }
+        };
+        let conn = ConnInfo {
+            id: accepted.id,
+            peer: accepted.peer,
+            client: accepted.admitted.client,
+            forwarded_trusted: accepted.admitted.forwarded_trusted,
+            tls: accepted.tls,
+            slot: self.slot(accepted, h2),
+            activity: activity.clone(),
+        };
         let gateway = self.gateway.clone();
-        let activity = conn.activity.clone();
         // HTTP/2 streams run in tasks of their own: carry the connection's span into them.
         let span = tracing::Span::current();
         let service = service_fn(move |req| {
@@ -162,18 +262,52 @@ impl ConnContext {
                 .handle(req, conn.clone())
                 .instrument(span.clone())
         });
-        let builder = match proto {
-            Proto::H1 => &self.h1,
-            Proto::H2 => &self.h2,
-            Proto::Auto => &self.auto,
+        let io = TokioIo::new(io);
+        if h2 {
+            let served = self.h2.serve_connection(io, service);
+            self.drive(served, |c| c.graceful_shutdown(), &activity)
+                .await
+        } else {
+            let served = self.h1.serve_connection(io, service).with_upgrades();
+            self.drive(served, |c| c.graceful_shutdown(), &activity)
+                .await
+        }
+    }
+
+    /// Ends an `h2` connection whose client preface is invalid: a connection error of type
+    /// PROTOCOL_ERROR (RFC 9113 3.4), so our preface (an empty SETTINGS) and a GOAWAY (5.4.1).
+    async fn refuse_h2<I>(&self, mut io: I)
+    where
+        I: AsyncWrite + Unpin,
+    {
+        const SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+        // Length 8, type GOAWAY, stream 0; last stream 0, error code PROTOCOL_ERROR (0x1).
+        const GOAWAY: [u8; 17] = [0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x1];
+        let refused = async {
+            io.write_all(&[SETTINGS.as_slice(), GOAWAY.as_slice()].concat())
+                .await?;
+            io.shutdown().await
         };
-        let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        match tokio::time::timeout(self.limits.header_read_timeout, refused).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "goaway not sent"),
+            Err(_) => tracing::debug!("goaway not sent in time"),
+        }
+    }
+
+    /// Drives a hyper connection until it ends, the connection has been idle for
+    /// `limits.idle_timeout`, or the drain begins; the last two shut it down gracefully and cut
+    /// it when the drain's grace ends.
+    async fn drive<C>(&self, served: C, graceful_shutdown: fn(Pin<&mut C>), activity: &Activity)
+    where
+        C: Future<Output = hyper::Result<()>>,
+    {
         tokio::pin!(served);
         let result = tokio::select! {
             r = served.as_mut() => r,
             _ = activity.idle(self.limits.idle_timeout) => {
                 tracing::debug!("idle connection closed");
-                served.as_mut().graceful_shutdown();
+                graceful_shutdown(served.as_mut());
                 tokio::select! {
                     r = served.as_mut() => r,
                     _ = self.drain.cut() => Ok(()),
@@ -181,7 +315,7 @@ impl ConnContext {
             }
             _ = self.drain.draining() => {
                 // Finish in-flight requests, take no new ones; cut at the end of the grace.
-                served.as_mut().graceful_shutdown();
+                graceful_shutdown(served.as_mut());
                 tokio::select! {
                     r = served.as_mut() => r,
                     _ = self.drain.cut() => Ok(()),
@@ -194,12 +328,111 @@ impl ConnContext {
     }
 }
 
+/// An accepted connection before its protocol is known.
+struct Accepted {
+    id: u64,
+    peer: SocketAddr,
+    listener: &'static str,
+    tls: bool,
+    permit: OwnedSemaphorePermit,
+    admitted: Admitted,
+}
+
+/// What [`ConnContext::admit`] learnt about a new connection.
+struct Admitted {
+    client: std::net::IpAddr,
+    forwarded_trusted: bool,
+    ip_guard: Option<crate::limiter::IpGuard>,
+}
+
+/// Reads until the bytes are the HTTP/2 preface (RFC 9113 3.4) or cannot become it, and returns
+/// the connection with those bytes put back and whether it is HTTP/2. Like hyper-util's `auto`,
+/// which this replaces, it stops at the first byte that differs, so an HTTP/1.1 request shorter
+/// than the preface is not kept waiting.
+async fn detect<I>(mut io: I) -> io::Result<(Rewind<I>, bool)>
+where
+    I: AsyncRead + Unpin,
+{
+    let mut buf = Vec::with_capacity(H2_PREFACE.len());
+    while buf.len() < H2_PREFACE.len() {
+        let before = buf.len();
+        let mut chunk = [0; 24];
+        let want = H2_PREFACE.len() - before;
+        let n = io.read(&mut chunk[..want]).await?;
+        buf.extend_from_slice(&chunk[..n]);
+        if n == 0 || buf[before..] != H2_PREFACE[before..buf.len()] {
+            return Ok((Rewind::new(io, buf.into()), false));
+        }
+    }
+    Ok((Rewind::new(io, buf.into()), true))
+}
+
+/// A connection with bytes already read from it put back in front.
+struct Rewind<I> {
+    prefix: Bytes,
+    io: I,
+}
+
+impl<I> Rewind<I> {
+    fn new(io: I, prefix: Bytes) -> Rewind<I> {
+        Rewind { prefix, io }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.has_remaining() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// What an open client connection holds, for as long as it is open: its place under
 /// `limits.max_connections` and its count in `open_connections`. An HTTP/1.1 WebSocket tunnel
 /// outlives hyper's connection task and keeps a clone, so the connection still counts.
 #[derive(Debug)]
 pub struct ConnSlot {
     _permit: OwnedSemaphorePermit,
+    /// The connection's place under `limits.per_ip_connections`.
+    _ip: Option<crate::limiter::IpGuard>,
     open: Gauge,
 }
 
@@ -209,6 +442,7 @@ impl Drop for ConnSlot {
     }
 }
 
+/// The protocol a connection speaks: by ALPN, or, without ALPN, by its first bytes.
 enum Proto {
     H1,
     H2,

@@ -89,9 +89,14 @@ backends = ["http://{backend_addr}"]
 }
 
 async fn serve_backend(listener: TcpListener) {
+    let mut errors = crate::listener::AcceptErrors::new("demo backend");
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                errors.pause(&e).await;
+                continue;
+            }
         };
         tokio::spawn(async move {
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

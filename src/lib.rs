@@ -27,12 +27,15 @@ pub mod config;
 pub mod conn;
 pub mod demo;
 pub mod drain;
+pub mod limiter;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod router;
 pub mod tls;
+pub mod trust;
 pub mod upstream;
 
 use std::future::Future;
@@ -126,7 +129,7 @@ impl Server {
         log_startup(&config, certs, &listeners, &router);
         let gateway = Arc::new(Gateway::new(
             router,
-            config.listen.http_mode,
+            &config.listen,
             https_port,
             drain.clone(),
             metrics,
@@ -285,6 +288,9 @@ fn log_startup(config: &Config, certs: &[LoadedCert], listeners: &Listeners, rou
     }
     for c in certs {
         c.log();
+    }
+    for w in config.uncovered_hosts(certs.iter().flat_map(|c| &c.names)) {
+        tracing::warn!(index = w.route, host = %w.host, "route host is not covered by any certificate: clients will see a name mismatch");
     }
     for r in router.routes() {
         let backends = r.config.backend_list();

@@ -138,6 +138,9 @@ fn check(path: &Path) -> anyhow::Result<()> {
             c.source, c.names, c.not_after
         );
     }
+    for w in config.uncovered_hosts(certs.iter().flat_map(|c| &c.names)) {
+        eprintln!("warning: {w}");
+    }
     // A runtime of its own: building routes starts health checkers, and DNS names are looked up.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

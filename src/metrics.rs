@@ -87,6 +87,8 @@ pub struct Metrics {
     pub backend_up: Family<RouteBackendLabels, Gauge>,
     pub backend_requests: Family<BackendRequestLabels, Counter>,
     pub backend_ejections: Family<RouteBackendLabels, Counter>,
+    pub rate_limited: Family<StreamLabels, Counter>,
+    pub per_ip_refused: Counter,
     /// How many live backends use each label set: removed from the exposition at zero, so
     /// addresses that DNS no longer lists do not pile up.
     backend_users: std::sync::Mutex<std::collections::HashMap<RouteBackendLabels, usize>>,
@@ -116,6 +118,8 @@ impl Metrics {
             backend_up: Family::default(),
             backend_requests: Family::default(),
             backend_ejections: Family::default(),
+            rate_limited: Family::default(),
+            per_ip_refused: Counter::default(),
             backend_users: Default::default(),
             registry: Registry::default(),
         };
@@ -188,6 +192,16 @@ impl Metrics {
             "backend_ejections",
             "Times a backend was ejected by passive health checking",
             m.backend_ejections.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused (429) and WebSockets closed (1008) for going over a rate, by route and kind",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "per_ip_refused_connections",
+            "Connections closed because their client already held limits.per_ip_connections",
+            m.per_ip_refused.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -285,6 +299,14 @@ impl Metrics {
                 route: route.to_string(),
                 kind: "sse",
             }),
+            limited_requests: self.rate_limited.get_or_create_owned(&StreamLabels {
+                route: route.to_string(),
+                kind: "requests",
+            }),
+            limited_messages: self.rate_limited.get_or_create_owned(&StreamLabels {
+                route: route.to_string(),
+                kind: "messages",
+            }),
         }
     }
 
@@ -308,6 +330,8 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     pub websocket_lifetime: Histogram,
     pub sse_lifetime: Histogram,
+    pub limited_requests: Counter,
+    pub limited_messages: Counter,
 }
 
 impl RouteMetrics {

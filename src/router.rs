@@ -9,6 +9,10 @@ use crate::config::{HostMatch, RouteConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstream::{Upstream, UpstreamContext};
 
+/// Clients a route's rate limit remembers at most (about 100 bytes each): past it, those seen
+/// longest ago start again with a full bucket.
+const RATE_LIMIT_KEYS: usize = 65_536;
+
 /// A route as the proxy uses it: its config plus the state shared by its requests.
 pub struct Route {
     pub config: RouteConfig,
@@ -18,6 +22,8 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// Open WebSockets allowed on this route, when `websocket.max_connections` is set.
     pub websocket_slots: Option<Arc<Semaphore>>,
+    /// `[route.rate_limit]`'s buckets; carried over by a reload that keeps the same limit.
+    pub rate_limiter: Option<Arc<crate::limiter::KeyedLimiter<Vec<u8>>>>,
     pub metrics: RouteMetrics,
     /// Where connect failures are counted, by backend.
     pub all_metrics: Arc<Metrics>,
@@ -50,7 +56,21 @@ impl Route {
                 }
             }
         }
+        let rate_limiter = match (previous, &config.rate_limit) {
+            (Some(p), Some(limit)) if p.config.rate_limit.as_ref() == Some(limit) => {
+                p.rate_limiter.clone()
+            }
+            (_, Some(limit)) => Some(Arc::new(crate::limiter::KeyedLimiter::new(
+                crate::limiter::Rate {
+                    per_second: f64::from(limit.requests_per_second),
+                    burst: f64::from(limit.burst),
+                },
+                RATE_LIMIT_KEYS,
+            ))),
+            (_, None) => None,
+        };
         Route {
+            rate_limiter,
             metrics: ctx.metrics.route(&name),
             all_metrics: ctx.metrics.clone(),
             upstream: Upstream::new(&config, &name, previous.map(|p| &*p.upstream), ctx),
@@ -167,17 +187,11 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
-/// The host a request names, lowercase and without its port: the URI's authority (HTTP/2
-/// `:authority`, or an HTTP/1.1 absolute-form target) wins over `Host`, as RFC 9112 3.2.2 says.
-pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
-    let raw = match req.uri().authority() {
-        Some(a) => a.host(),
-        None => {
-            let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
-            strip_port(h)
-        }
-    };
-    let host = raw.trim_end_matches('.');
+/// The host to route on for an authority (`host[:port]`, from `:authority`, an absolute-form
+/// target or `Host`): lowercase, without its port or a trailing dot. Which authority a request
+/// names, and whether its `Host` agrees, is decided in `proxy::request`.
+pub fn route_host(authority: &str) -> Option<String> {
+    let host = strip_port(authority).trim_end_matches('.');
     (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
@@ -355,21 +369,16 @@ backends = ["http://chat:1"]
     }
 
     #[test]
-    fn request_host_prefers_authority_and_drops_port() {
-        let req = http::Request::get("/x")
-            .header("host", "Chat.Example.com:8443")
-            .body(())
-            .expect("valid request");
-        assert_eq!(request_host(&req).as_deref(), Some("chat.example.com"));
-        let req = http::Request::get("http://other.example/x")
-            .header("host", "chat.example.com")
-            .body(())
-            .expect("valid request");
-        assert_eq!(request_host(&req).as_deref(), Some("other.example"));
-        let req = http::Request::get("/x")
-            .header("host", "[::1]:80")
-            .body(())
-            .expect("valid");
-        assert_eq!(request_host(&req).as_deref(), Some("[::1]"));
+    fn route_host_lowercases_and_drops_port() {
+        assert_eq!(
+            route_host("Chat.Example.com:8443").as_deref(),
+            Some("chat.example.com")
+        );
+        assert_eq!(
+            route_host("other.example.").as_deref(),
+            Some("other.example")
+        );
+        assert_eq!(route_host("[::1]:80").as_deref(), Some("[::1]"));
+        assert_eq!(route_host(""), None);
     }
 }

@@ -76,8 +76,11 @@ impl LoadedCert {
     }
 }
 
+/// aws-lc-rs, for the post-quantum hybrid key exchange that current Chrome and Firefox offer
+/// first (X25519MLKEM768, which ring lacks); classic X25519 and the NIST curves follow for
+/// every other client.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// Loads every `[[cert]]` pair, checking that each key matches its certificate.
@@ -283,7 +286,7 @@ pub fn server_config(certs: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsErro
     // handshake skips the certificate signature. TLS 1.3 uses tickets, encrypted with keys
     // that rotate every 6 hours (kept in memory: a restart or another replica means a full
     // handshake); TLS 1.2 clients also get session IDs from a bounded cache.
-    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
     Ok(Arc::new(config))
 }

@@ -495,3 +495,118 @@ balance = "round_robin"
     let text = assert_valid(&out);
     assert!(text.starts_with("streamgate.toml: ok\n"), "{text}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Configuration that cannot hurt: ranges, origins, clashing listeners, repeated routes
+
+#[test]
+fn check_refuses_a_zero_ping_interval() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    let out = dir.check(&format!(
+        "{HEAD}{ROUTE}[route.websocket]\nping_interval = \"0s\"\n"
+    ));
+    assert_refused(
+        &out,
+        "streamgate.toml:12:17: route[0].websocket.ping_interval: must be more than 0s (leave the key out for none)",
+    );
+}
+
+#[test]
+fn check_refuses_a_zero_timeout() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    let out = dir.check(&format!(
+        "{HEAD}\n[limits]\ntls_handshake_timeout = \"0s\"\n{ROUTE}"
+    ));
+    assert_refused(
+        &out,
+        "streamgate.toml:9:25: limits.tls_handshake_timeout: must be more than 0s",
+    );
+}
+
+#[test]
+fn check_refuses_an_absurd_duration_without_panicking() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    for value in ["300000000000y", "18446744073709551615s"] {
+        let out = dir.check(&format!("{HEAD}{ROUTE}connect_timeout = \"{value}\"\n"));
+        assert_refused(
+            &out,
+            &format!(
+                "streamgate.toml:11:19: route[0].connect_timeout: must be at most 365d, got \"{value}\""
+            ),
+        );
+        assert!(!stderr(&out).contains("panic"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn check_refuses_a_wildcard_origin_with_a_hint() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    let out = dir.check(&format!(
+        "{HEAD}{ROUTE}[route.websocket]\nallowed_origins = [\"*\"]\n"
+    ));
+    assert_refused(
+        &out,
+        r#"streamgate.toml:12:20: route[0].websocket.allowed_origins[0]: "*" is not an origin (omit allowed_origins to allow any origin)"#,
+    );
+}
+
+#[test]
+fn check_refuses_an_origin_without_a_scheme_with_a_hint() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    let out = dir.check(&format!(
+        "{HEAD}{ROUTE}[route.websocket]\nallowed_origins = [\"example.com\"]\n"
+    ));
+    assert_refused(
+        &out,
+        r#"streamgate.toml:12:20: route[0].websocket.allowed_origins[0]: expected an origin such as "https://chat.example.com" (scheme://host[:port]), got "example.com" (write "https://example.com")"#,
+    );
+}
+
+#[test]
+fn check_refuses_two_listeners_on_one_address() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    let out = dir.check(&format!(
+        "[listen]\nhttps = \"127.0.0.1:8443\"\nadmin = \"127.0.0.1:8443\"\n{}{ROUTE}",
+        &HEAD[HEAD.find("\n[[cert]]").expect("HEAD has a [[cert]]")..]
+    ));
+    assert_refused(
+        &out,
+        "streamgate.toml:3:9: listen.admin: same address as listen.https (127.0.0.1:8443); each listener needs its own",
+    );
+}
+
+#[test]
+fn check_refuses_two_routes_with_the_same_host_and_path() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    let out = dir.check(&format!(
+        "{HEAD}{ROUTE}\n[[route]]\npath = \"/api/\"\nbackends = [\"http://127.0.0.1:9100\"]\n"
+    ));
+    assert_refused(
+        &out,
+        "streamgate.toml:12:1: route[1]: same host and path as route[0] (*/api)",
+    );
+}
+
+#[test]
+fn check_warns_of_a_route_host_no_certificate_covers() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    let out = dir.check(&format!(
+        "{HEAD}{ROUTE}\n[[route]]\nhost = \"a.test\"\nbackends = [\"http://127.0.0.1:9100\"]\n\n[[route]]\nhost = \"b.test\"\nbackends = [\"http://127.0.0.1:9200\"]\n"
+    ));
+    let text = assert_valid(&out);
+    assert!(text.starts_with("streamgate.toml: ok\n"), "{text}");
+    let err = stderr(&out);
+    assert_eq!(
+        err.trim_end(),
+        r#"warning: route[2] host "b.test" is not covered by any certificate (clients will see a name mismatch)"#,
+        "only b.test is uncovered"
+    );
+}

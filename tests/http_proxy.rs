@@ -83,8 +83,9 @@ async fn path_and_query_reach_the_backend_byte_for_byte() {
         let mut client = gw.client(proto, "a.gw.test").await;
         for target in [
             "/api//ws/2?q=%2F&x",
-            "/a/./b/../c?x=1&x=2&empty=",
-            "/%7Euser/%2e%2e/file;v=1?q=a+b%20c",
+            // (Dot segments in the path are refused: tests/integrity.rs; the query is data.)
+            "/a/.b/..c?x=1&x=2&empty=&next=/../x",
+            "/%7Euser/%2e%2ex/file;v=1?q=a+b%20c",
             "/?",
         ] {
             let echo = client.get(target).await.echo();
@@ -382,11 +383,8 @@ async fn forwarded_headers_are_set_and_host_is_kept() {
             .body(empty())
             .expect("valid request");
         let echo = client.fetch(req).await.echo();
-        assert_eq!(
-            echo.header("x-forwarded-for"),
-            Some("10.1.2.3, 127.0.0.1"),
-            "{proto}"
-        );
+        // Not a trusted proxy: what it claimed is replaced, not appended to (issue 11).
+        assert_eq!(echo.header("x-forwarded-for"), Some("127.0.0.1"), "{proto}");
         assert_eq!(echo.header("x-forwarded-proto"), Some("https"), "{proto}");
         assert_eq!(
             echo.header("x-forwarded-host"),

@@ -1,9 +1,15 @@
 //! What the listeners do besides proxying: the plain listener (redirect or proxy), requests
 //! the TLS listener refuses (absolute-form targets naming another host, CONNECT, oversized
-//! heads), and graceful shutdown with a request in flight.
+//! heads), the protocol ALPN chose being the one spoken, and graceful shutdown with a request
+//! in flight.
 
 use http::{Method, StatusCode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
+use crate::support::backend::Tagged;
+use crate::support::client::tls_connect;
+use crate::support::gateway::TestGateway;
+use crate::support::process::http_get;
 use crate::support::{empty, route, within, Backend, Client, GatewayBuilder, Held, Proto};
 
 #[tokio::test]
@@ -235,4 +241,182 @@ async fn idle_connections_are_closed_busy_ones_are_not() {
     assert_eq!(res.body, "released");
     // Held well past the idle timeout, the connection is still the same one and still serves.
     assert_eq!(busy.get("/").await.echo().backend, "echo");
+}
+
+/// The HTTP/2 client connection preface (RFC 9113 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_GOAWAY: u8 = 0x7;
+const PROTOCOL_ERROR: u32 = 0x1;
+
+/// Opens a TLS connection that negotiated `alpn`, writes `bytes` on it, and returns everything
+/// the gateway sent until it closed the connection.
+async fn sent_after(gw: &TestGateway, alpn: &[u8], bytes: &[u8]) -> Vec<u8> {
+    let mut tls = tls_connect(gw.https, &gw.ca, Some("a.gw.test"), &[alpn], true).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn), "ALPN");
+    tls.write_all(bytes).await.expect("write to the gateway");
+    tls.flush().await.expect("flush to the gateway");
+    read_until_closed(&mut tls).await
+}
+
+/// Reads until the peer closes (with or without a TLS close_notify).
+async fn read_until_closed(io: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0; 4096];
+    within("the gateway to close the connection", async {
+        while let Ok(n @ 1..) = io.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    got
+}
+
+/// Splits `bytes` into HTTP/2 frames (RFC 9113 4.1): `(type, payload)`.
+fn h2_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 9 {
+        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        assert!(bytes.len() >= 9 + len, "truncated HTTP/2 frame: {bytes:?}");
+        frames.push((bytes[3], bytes[9..9 + len].to_vec()));
+        bytes = &bytes[9 + len..];
+    }
+    assert!(
+        bytes.is_empty(),
+        "trailing bytes after HTTP/2 frames: {bytes:?}"
+    );
+    frames
+}
+
+/// Asserts `sent` is HTTP/2 frames ending in a GOAWAY with PROTOCOL_ERROR.
+fn assert_goaway_protocol_error(sent: &[u8]) {
+    let frames = h2_frames(sent);
+    let types: Vec<u8> = frames.iter().map(|(t, _)| *t).collect();
+    assert_eq!(
+        types.first(),
+        Some(&FRAME_SETTINGS),
+        "server preface: {types:?}"
+    );
+    let (kind, payload) = frames.last().expect("some frames");
+    assert_eq!(*kind, FRAME_GOAWAY, "last frame: {types:?}");
+    assert!(payload.len() >= 8, "GOAWAY payload: {payload:?}");
+    let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+    assert_eq!(code, PROTOCOL_ERROR, "GOAWAY error code");
+}
+
+/// A gateway in front of a backend that counts what reaches it.
+async fn counted_gateway() -> (Tagged, TestGateway) {
+    let backend = Tagged::start("b").await;
+    let gw = GatewayBuilder::new()
+        .route(route("/").to(backend.url()))
+        .start()
+        .await;
+    (backend, gw)
+}
+
+/// Both protocols still serve on `gw` (each request adds one to the backend's count).
+async fn well_behaved_clients_are_served(gw: &TestGateway) {
+    for proto in Proto::ALL {
+        let mut client = gw.client(proto, "a.gw.test").await;
+        let res = client.get("/").await;
+        assert_eq!(res.status, StatusCode::OK, "{proto}: {}", res.text());
+    }
+}
+
+#[tokio::test]
+async fn h2_by_alpn_is_not_served_as_http1() {
+    let (backend, gw) = counted_gateway().await;
+    let mut tls = tls_connect(gw.https, &gw.ca, Some("a.gw.test"), &[b"h2"], true).await;
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: a.gw.test\r\n\r\n")
+        .await
+        .expect("write to the gateway");
+    tls.flush().await.expect("flush to the gateway");
+
+    // Meanwhile, other clients are served.
+    well_behaved_clients_are_served(&gw).await;
+
+    let sent = read_until_closed(&mut tls).await;
+    assert!(
+        !sent.starts_with(b"HTTP/1"),
+        "an HTTP/1 answer: {}",
+        String::from_utf8_lossy(&sent)
+    );
+    assert_goaway_protocol_error(&sent);
+    assert_eq!(
+        backend.requests(),
+        2,
+        "only the well-behaved requests reach the backend"
+    );
+}
+
+#[tokio::test]
+async fn http1_by_alpn_is_not_served_as_h2() {
+    let (backend, gw) = counted_gateway().await;
+    // The preface and an empty SETTINGS: the start of every HTTP/2 connection.
+    let mut h2_start = H2_PREFACE.to_vec();
+    h2_start.extend_from_slice(&[0, 0, 0, FRAME_SETTINGS, 0, 0, 0, 0, 0]);
+    let sent = sent_after(&gw, b"http/1.1", &h2_start).await;
+    let text = String::from_utf8_lossy(&sent);
+    assert!(
+        sent.is_empty() || text.starts_with("HTTP/1.1 4"),
+        "want an HTTP/1.1 client error or a close, got {text:?}"
+    );
+    well_behaved_clients_are_served(&gw).await;
+    assert_eq!(
+        backend.requests(),
+        2,
+        "only the well-behaved requests reach the backend"
+    );
+}
+
+/// h2spec 3.5/2: an invalid connection preface is a connection error of type PROTOCOL_ERROR.
+#[tokio::test]
+async fn invalid_h2_preface_gets_goaway() {
+    let (backend, gw) = counted_gateway().await;
+    let sent = sent_after(&gw, b"h2", b"INVALID CONNECTION PREFACE\r\n\r\n").await;
+    assert_goaway_protocol_error(&sent);
+    assert_eq!(backend.requests(), 0);
+}
+
+/// Without ALPN the preface decides, and the connection is counted under the protocol served.
+#[tokio::test]
+async fn without_alpn_the_preface_decides_and_is_counted() {
+    let backend = Backend::echo("b").await;
+    let gw = GatewayBuilder::new()
+        .plain_listener("proxy")
+        .admin()
+        .route(route("/").to(backend.url()))
+        .start()
+        .await;
+    let admin = gw.admin.expect("admin listener");
+
+    let mut clients = Vec::new();
+    for proto in Proto::ALL {
+        let mut client = gw.plain_client(proto, "a.gw.test").await;
+        assert_eq!(client.get("/").await.echo().backend, "b", "{proto}");
+        clients.push(client);
+    }
+    // A client that offers no ALPN over TLS.
+    let tls = tls_connect(gw.https, &gw.ca, Some("a.gw.test"), &[], true).await;
+    let mut client = Client::over_tls_without_alpn(Proto::H2, tls, "a.gw.test").await;
+    assert_eq!(client.get("/").await.echo().backend, "b");
+    clients.push(client);
+
+    let (status, text) = within("/metrics", http_get(admin, "/metrics"))
+        .await
+        .expect("admin listener answers");
+    assert_eq!(status, 200);
+    for (listener, protocol) in [("http", "h1"), ("http", "h2"), ("https", "h2")] {
+        let sample = format!(
+            "streamgate_open_connections{{listener=\"{listener}\",protocol=\"{protocol}\"}} 1"
+        );
+        assert!(
+            text.lines().any(|l| l == sample),
+            "want {sample:?} in:\n{text}"
+        );
+    }
+    assert!(
+        !text.contains("streamgate_open_connections{listener=\"https\",protocol=\"h1\"} 1"),
+        "{text}"
+    );
 }

@@ -122,3 +122,50 @@ async fn returning_clients_resume_their_session_over_tls_1_3_and_1_2() {
         );
     }
 }
+
+#[tokio::test]
+async fn post_quantum_hybrid_key_exchange_is_chosen_when_offered() {
+    use std::sync::Arc;
+    let backend = Backend::echo("b").await;
+    let gw = GatewayBuilder::new()
+        .route(route("/").to(backend.url()))
+        .start()
+        .await;
+    let handshake = |groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>| {
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.kx_groups = groups;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(gw.ca.der()).expect("CA certificate");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let https = gw.https;
+        async move {
+            let tcp = tokio::net::TcpStream::connect(https)
+                .await
+                .expect("connect");
+            let name = rustls_pki_types::ServerName::try_from("a.gw.test").expect("name");
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .expect("handshake");
+            tls.get_ref()
+                .1
+                .negotiated_key_exchange_group()
+                .map(|g| g.name())
+        }
+    };
+    use rustls::crypto::aws_lc_rs::kx_group;
+    // What Chrome and Firefox offer first.
+    assert_eq!(
+        handshake(vec![kx_group::X25519MLKEM768, kx_group::X25519]).await,
+        Some(rustls::NamedGroup::X25519MLKEM768)
+    );
+    // A client without it still gets classic X25519.
+    assert_eq!(
+        handshake(vec![kx_group::X25519]).await,
+        Some(rustls::NamedGroup::X25519)
+    );
+}

@@ -347,10 +347,11 @@ async fn ws_bad_handshakes_get_400_with_reason_and_never_reach_backend() {
     // (header to change, its new value or None to leave it out, what the reason must say)
     let cases = [
         ("sec-websocket-key", None, "missing Sec-WebSocket-Key"),
+        // (A version other than 13 gets 426: tests/integrity.rs.)
         (
             "sec-websocket-version",
-            Some("8"),
-            "Sec-WebSocket-Version must be 13",
+            None,
+            "missing Sec-WebSocket-Version",
         ),
         (
             "connection",
@@ -523,12 +524,13 @@ async fn ws_over_http2_extended_connect_echoes() {
 }
 
 #[tokio::test]
-async fn ws_over_http2_bad_version_gets_400_and_backend_down_502() {
+async fn ws_over_http2_bad_version_gets_426_and_backend_down_502() {
     let (backend, _seen) = WsBackend::echo().await;
     let gw = gateway(&backend.url(), "").await;
     let (_client, response) = h2_websocket(&gw, &[("sec-websocket-version", "8")]).await;
     let got = Fetched::read(response).await;
-    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    // RFC 6455 4.4.
+    assert_eq!(got.status, StatusCode::UPGRADE_REQUIRED);
     assert!(
         got.text().contains("Sec-WebSocket-Version must be 13"),
         "{}",

@@ -45,13 +45,13 @@ impl Readiness {
 /// Serves the admin endpoints until the task is dropped (it outlives the drain on purpose, so
 /// `/readyz` can answer 503 while connections finish).
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, ready: Arc<Readiness>) {
+    let mut errors = crate::listener::AcceptErrors::new("admin");
     loop {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
+            // Out of file descriptors and the like: back off instead of spinning.
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "admin listener: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                errors.pause(&e).await;
                 continue;
             }
         };

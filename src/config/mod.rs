@@ -1,8 +1,12 @@
 //! The gateway's configuration: file -> [`raw`] (serde, unknown keys rejected) -> [`Config`]
-//! (validated, typed). Every error names the file, the line and column, and the key.
+//! (validated, typed; value ranges and checks between keys in [`validate`]). Every error names
+//! the file, the line and column, and the key.
 
 mod raw;
 mod upstream;
+mod validate;
+
+pub use validate::{UncoveredHost, MAX_DURATION};
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -10,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::uri::Authority;
-use raw::{RawConfig, RawRoute, Text};
+use raw::{RawConfig, RawRoute};
 use toml::Spanned;
 
 /// A configuration that has passed every check that does not need the network or the disk
@@ -53,6 +57,12 @@ pub struct Listen {
     pub http: Option<SocketAddr>,
     pub http_mode: HttpMode,
     pub admin: Option<SocketAddr>,
+    /// Peers that may state their client's address (PROXY protocol, `X-Forwarded-For`) and
+    /// keep their `X-Forwarded-Proto`.
+    pub trusted_proxies: crate::trust::TrustedProxies,
+    /// Connections must start with a PROXY protocol header (v1 or v2), and come from
+    /// `trusted_proxies`; others are closed.
+    pub proxy_protocol: bool,
 }
 
 /// What the plain-HTTP listener does with a request.
@@ -81,6 +91,12 @@ pub struct Limits {
     /// Streams a client may open and reset before being served (CVE-2023-44487, rapid reset).
     pub h2_max_pending_reset_streams: usize,
     pub h2_max_local_error_reset_streams: usize,
+    /// Open connections per client address; 0 = no limit (a company's NAT puts thousands of
+    /// people behind one address).
+    pub per_ip_connections: usize,
+    /// A response, stream or WebSocket that cannot write to its client for this long while
+    /// data waits is closed, and its backend side released.
+    pub write_stall_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -94,6 +110,8 @@ impl Default for Limits {
             h2_max_concurrent_streams: 256,
             h2_max_pending_reset_streams: 20,
             h2_max_local_error_reset_streams: 1024,
+            per_ip_connections: 0,
+            write_stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -145,6 +163,23 @@ pub struct RouteConfig {
     pub outlier: OutlierConfig,
     pub websocket: WebSocketConfig,
     pub sse: SseConfig,
+    /// `[route.rate_limit]`: requests a second per client (or per header value).
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// `[route.rate_limit]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitConfig {
+    pub requests_per_second: u32,
+    pub burst: u32,
+    pub key: RateKey,
+}
+
+/// Whose requests a route's rate limit counts together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    ClientIp,
+    Header(http::HeaderName),
 }
 
 /// One entry of a route's `backends`.
@@ -284,6 +319,9 @@ pub struct WebSocketConfig {
     pub max_message_size: Option<u64>,
     pub max_connections: Option<usize>,
     pub allowed_origins: Option<Vec<String>>,
+    /// Messages a client may send a second on one WebSocket (burst: twice that); beyond it the
+    /// WebSocket is closed with 1008.
+    pub max_messages_per_second: Option<u32>,
 }
 
 impl Default for WebSocketConfig {
@@ -294,6 +332,7 @@ impl Default for WebSocketConfig {
             max_message_size: None,
             max_connections: None,
             allowed_origins: None,
+            max_messages_per_second: None,
         }
     }
 }
@@ -438,17 +477,35 @@ impl Located<'_> {
                 .as_ref()
                 .map(|a| self.addr("listen.admin", a))
                 .transpose()?,
+            trusted_proxies: self.trusted_proxies(&raw.listen)?,
+            proxy_protocol: raw
+                .listen
+                .proxy_protocol
+                .as_ref()
+                .is_some_and(|p| *p.get_ref()),
         };
+        self.listen_clashes(&raw.listen, &listen)?;
+        if let (true, Some(p)) = (
+            listen.trusted_proxies.is_empty(),
+            &raw.listen.proxy_protocol,
+        ) {
+            if *p.get_ref() {
+                return Err(self.error(
+                    p.span(),
+                    "listen.proxy_protocol: needs listen.trusted_proxies (the load balancers allowed to send the header)",
+                ));
+            }
+        }
 
         let d = Limits::default();
         let l = &raw.limits;
         let limits = Limits {
-            header_read_timeout: self.duration_or(
+            header_read_timeout: self.positive_duration_or(
                 "limits.header_read_timeout",
                 &l.header_read_timeout,
                 d.header_read_timeout,
             )?,
-            idle_timeout: self.duration_or(
+            idle_timeout: self.positive_duration_or(
                 "limits.idle_timeout",
                 &l.idle_timeout,
                 d.idle_timeout,
@@ -460,7 +517,7 @@ impl Located<'_> {
                 8192..=16 * 1024 * 1024,
                 d.max_header_size,
             )?,
-            tls_handshake_timeout: self.duration_or(
+            tls_handshake_timeout: self.positive_duration_or(
                 "limits.tls_handshake_timeout",
                 &l.tls_handshake_timeout,
                 d.tls_handshake_timeout,
@@ -488,6 +545,17 @@ impl Located<'_> {
                 &l.h2_max_local_error_reset_streams,
                 1..=1_000_000,
                 d.h2_max_local_error_reset_streams,
+            )?,
+            per_ip_connections: self.int_or(
+                "limits.per_ip_connections",
+                &l.per_ip_connections,
+                0..=10_000_000,
+                d.per_ip_connections,
+            )?,
+            write_stall_timeout: self.positive_duration_or(
+                "limits.write_stall_timeout",
+                &l.write_stall_timeout,
+                d.write_stall_timeout,
             )?,
         };
 
@@ -534,6 +602,7 @@ impl Located<'_> {
             .enumerate()
             .map(|(i, r)| self.route(i, r))
             .collect::<Result<Vec<_>, _>>()?;
+        self.duplicate_routes(&raw.route, &routes)?;
 
         Ok(Config {
             path: self.path.to_path_buf(),
@@ -615,12 +684,8 @@ impl Located<'_> {
         let websocket = match &r.websocket {
             None => d,
             Some(w) => WebSocketConfig {
-                ping_interval: w
-                    .ping_interval
-                    .as_ref()
-                    .map(|v| self.duration(&key("websocket.ping_interval"), v))
-                    .transpose()?,
-                idle_timeout: self.duration_or(
+                ping_interval: self.interval(&key("websocket.ping_interval"), &w.ping_interval)?,
+                idle_timeout: self.positive_duration_or(
                     &key("websocket.idle_timeout"),
                     &w.idle_timeout,
                     d.idle_timeout,
@@ -636,11 +701,17 @@ impl Located<'_> {
                     .as_ref()
                     .map(|v| self.int(&key("websocket.max_connections"), v, 1..=10_000_000))
                     .transpose()?,
-                allowed_origins: w.allowed_origins.as_ref().map(|list| {
-                    list.iter()
-                        .map(|o| o.get_ref().trim_end_matches('/').to_ascii_lowercase())
-                        .collect()
-                }),
+                allowed_origins: w
+                    .allowed_origins
+                    .as_ref()
+                    .map(|list| self.allowed_origins(&key("websocket.allowed_origins"), list))
+                    .transpose()?,
+                max_messages_per_second: w
+                    .max_messages_per_second
+                    .as_ref()
+                    .map(|v| self.int(&key("websocket.max_messages_per_second"), v, 1..=1_000_000))
+                    .transpose()?
+                    .map(|v| v as u32),
             },
         };
 
@@ -648,12 +719,8 @@ impl Located<'_> {
         let sse = match &r.sse {
             None => d,
             Some(s) => SseConfig {
-                heartbeat: s
-                    .heartbeat
-                    .as_ref()
-                    .map(|v| self.duration(&key("sse.heartbeat"), v))
-                    .transpose()?,
-                idle_timeout: self.duration_or(
+                heartbeat: self.interval(&key("sse.heartbeat"), &s.heartbeat)?,
+                idle_timeout: self.positive_duration_or(
                     &key("sse.idle_timeout"),
                     &s.idle_timeout,
                     d.idle_timeout,
@@ -672,12 +739,12 @@ impl Located<'_> {
             path,
             backends,
             strip_prefix: r.strip_prefix,
-            connect_timeout: self.duration_or(
+            connect_timeout: self.positive_duration_or(
                 &key("connect_timeout"),
                 &r.connect_timeout,
                 Duration::from_secs(5),
             )?,
-            response_header_timeout: self.duration_or(
+            response_header_timeout: self.positive_duration_or(
                 &key("response_header_timeout"),
                 &r.response_header_timeout,
                 Duration::from_secs(60),
@@ -689,76 +756,8 @@ impl Located<'_> {
             outlier: fleet.outlier,
             websocket,
             sse,
+            rate_limit: self.rate_limit(&key, &r.rate_limit)?,
         })
-    }
-
-    fn addr(&self, key: &str, value: &Text) -> Result<SocketAddr, ConfigError> {
-        value.get_ref().parse().map_err(|_| {
-            self.error(
-                value.span(),
-                format!(
-                    "{key}: expected an address and port such as \"0.0.0.0:8443\" or \"[::]:8443\", got {:?}",
-                    value.get_ref()
-                ),
-            )
-        })
-    }
-
-    fn duration(&self, key: &str, value: &Text) -> Result<Duration, ConfigError> {
-        humantime::parse_duration(value.get_ref()).map_err(|e| {
-            self.error(
-                value.span(),
-                format!(
-                    "{key}: expected a duration such as \"500ms\", \"15s\" or \"5m\", got {:?} ({e})",
-                    value.get_ref()
-                ),
-            )
-        })
-    }
-
-    fn duration_or(
-        &self,
-        key: &str,
-        value: &Option<Text>,
-        default: Duration,
-    ) -> Result<Duration, ConfigError> {
-        value
-            .as_ref()
-            .map_or(Ok(default), |v| self.duration(key, v))
-    }
-
-    fn int(
-        &self,
-        key: &str,
-        value: &Spanned<i64>,
-        range: std::ops::RangeInclusive<usize>,
-    ) -> Result<usize, ConfigError> {
-        usize::try_from(*value.get_ref())
-            .ok()
-            .filter(|v| range.contains(v))
-            .ok_or_else(|| {
-                self.error(
-                    value.span(),
-                    format!(
-                        "{key}: expected a whole number from {} to {}, got {}",
-                        range.start(),
-                        range.end(),
-                        value.get_ref()
-                    ),
-                )
-            })
-    }
-
-    fn int_or(
-        &self,
-        key: &str,
-        value: &Option<Spanned<i64>>,
-        range: std::ops::RangeInclusive<usize>,
-        default: usize,
-    ) -> Result<usize, ConfigError> {
-        value
-            .as_ref()
-            .map_or(Ok(default), |v| self.int(key, v, range))
     }
 }
 

@@ -31,6 +31,9 @@ pub struct RawListen {
     pub http: Option<Text>,
     pub http_mode: Option<Text>,
     pub admin: Option<Text>,
+    pub trusted_proxies: Option<Vec<Text>>,
+    #[serde(default)]
+    pub proxy_protocol: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -44,6 +47,8 @@ pub struct RawLimits {
     pub h2_max_concurrent_streams: Option<Spanned<i64>>,
     pub h2_max_pending_reset_streams: Option<Spanned<i64>>,
     pub h2_max_local_error_reset_streams: Option<Spanned<i64>>,
+    pub per_ip_connections: Option<Spanned<i64>>,
+    pub write_stall_timeout: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +86,7 @@ pub struct RawRoute {
     pub slow_start: Option<Text>,
     pub health: Option<RawHealth>,
     pub outlier: Option<RawOutlier>,
+    pub rate_limit: Option<RawRateLimit>,
     pub connect_timeout: Option<Text>,
     pub response_header_timeout: Option<Text>,
     pub websocket: Option<RawWebSocket>,
@@ -95,6 +101,7 @@ pub struct RawWebSocket {
     pub max_message_size: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
     pub allowed_origins: Option<Vec<Text>>,
+    pub max_messages_per_second: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,4 +176,12 @@ pub struct RawHealth {
 pub struct RawOutlier {
     pub consecutive_failures: Option<Spanned<i64>>,
     pub ejection: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub requests_per_second: Spanned<i64>,
+    pub burst: Option<Spanned<i64>>,
+    pub key: Option<Text>,
 }

@@ -489,3 +489,242 @@ fn columns_count_from_the_line_start_after_crlf() {
         "{got}"
     );
 }
+
+/// Zero where zero would flood (pings, heartbeats) or end everything at once (timeouts).
+#[test]
+fn zero_durations_are_refused_where_zero_would_hurt() {
+    let cases = [
+        (
+            format!("{ROUTE}[route.websocket]\nping_interval = \"0s\"\n"),
+            r#"config/test.toml:12:17: route[0].websocket.ping_interval: must be more than 0s (leave the key out for none)"#,
+        ),
+        (
+            format!("{ROUTE}[route.websocket]\nidle_timeout = \"0ms\"\n"),
+            "config/test.toml:12:16: route[0].websocket.idle_timeout: must be more than 0s",
+        ),
+        (
+            format!("{ROUTE}[route.sse]\nheartbeat = \"0s\"\n"),
+            r#"config/test.toml:12:13: route[0].sse.heartbeat: must be more than 0s (leave the key out for none)"#,
+        ),
+        (
+            format!("{ROUTE}[route.sse]\nidle_timeout = \"0s\"\n"),
+            "config/test.toml:12:16: route[0].sse.idle_timeout: must be more than 0s",
+        ),
+        (
+            format!("{ROUTE}connect_timeout = \"0s\"\n"),
+            "config/test.toml:11:19: route[0].connect_timeout: must be more than 0s",
+        ),
+        (
+            format!("{ROUTE}response_header_timeout = \"0s\"\n"),
+            "config/test.toml:11:27: route[0].response_header_timeout: must be more than 0s",
+        ),
+        (
+            format!("[limits]\nheader_read_timeout = \"0s\"\n{ROUTE}"),
+            "config/test.toml:8:23: limits.header_read_timeout: must be more than 0s",
+        ),
+        (
+            format!("[limits]\nidle_timeout = \"0s\"\n{ROUTE}"),
+            "config/test.toml:8:16: limits.idle_timeout: must be more than 0s",
+        ),
+        (
+            format!("[limits]\ntls_handshake_timeout = \"0s\"\n{ROUTE}"),
+            "config/test.toml:8:25: limits.tls_handshake_timeout: must be more than 0s",
+        ),
+    ];
+    for (text, want) in cases {
+        let got = error(&format!("{HEAD}{text}"));
+        assert_eq!(got, want);
+    }
+}
+
+/// Zero stays valid where it means "off" or "at once" on purpose.
+#[test]
+fn zero_durations_are_accepted_where_zero_means_off() {
+    let c = parse(&format!(
+        "{HEAD}[shutdown]\ngrace = \"0s\"\ndelay = \"0s\"\n{ROUTE}[route.sse]\nshutdown_retry = \"0s\"\n"
+    ))
+    .expect("zero grace, delay and retry are valid");
+    assert_eq!(c.shutdown.grace, Duration::ZERO);
+    assert_eq!(c.shutdown.delay, Duration::ZERO);
+    assert_eq!(c.routes[0].sse.shutdown_retry, Some(Duration::ZERO));
+}
+
+/// Every duration key, set to values humantime parses but an `Instant` cannot hold, is an
+/// error naming the key, never a panic later.
+#[test]
+fn absurd_durations_are_refused_for_every_key() {
+    let keys = [
+        (
+            "[limits]",
+            "header_read_timeout",
+            "limits.header_read_timeout",
+        ),
+        ("[limits]", "idle_timeout", "limits.idle_timeout"),
+        (
+            "[limits]",
+            "tls_handshake_timeout",
+            "limits.tls_handshake_timeout",
+        ),
+        ("[shutdown]", "grace", "shutdown.grace"),
+        ("[shutdown]", "delay", "shutdown.delay"),
+        ("[resolver]", "refresh", "resolver.refresh"),
+        ("[[route]]", "connect_timeout", "route[0].connect_timeout"),
+        (
+            "[[route]]",
+            "response_header_timeout",
+            "route[0].response_header_timeout",
+        ),
+        ("[[route]]", "slow_start", "route[0].slow_start"),
+        ("[route.health]", "interval", "route[0].health.interval"),
+        ("[route.outlier]", "ejection", "route[0].outlier.ejection"),
+        (
+            "[route.websocket]",
+            "ping_interval",
+            "route[0].websocket.ping_interval",
+        ),
+        (
+            "[route.websocket]",
+            "idle_timeout",
+            "route[0].websocket.idle_timeout",
+        ),
+        ("[route.sse]", "heartbeat", "route[0].sse.heartbeat"),
+        ("[route.sse]", "idle_timeout", "route[0].sse.idle_timeout"),
+        (
+            "[route.sse]",
+            "shutdown_retry",
+            "route[0].sse.shutdown_retry",
+        ),
+    ];
+    for value in ["300000000000y", "18446744073709551615s", "366d"] {
+        for (table, name, key) in keys {
+            let setting = format!("{name} = \"{value}\"\n");
+            let text = match table {
+                "[[route]]" => format!("{HEAD}{ROUTE}{setting}"),
+                t if t.starts_with("[route.") => format!("{HEAD}{ROUTE}{t}\n{setting}"),
+                t => format!("{HEAD}{t}\n{setting}{ROUTE}"),
+            };
+            let got = error(&text);
+            let want = format!("{key}: must be at most 365d, got \"{value}\"");
+            assert!(
+                got.ends_with(&want),
+                "{key} = {value}:\n  got  {got}\n  want …{want}"
+            );
+        }
+    }
+    let c = parse(&format!("{HEAD}{ROUTE}connect_timeout = \"365d\"\n")).expect("365d is valid");
+    assert_eq!(c.routes[0].connect_timeout, MAX_DURATION);
+}
+
+#[test]
+fn allowed_origins_must_be_scheme_host_and_port() {
+    let cases = [
+        (
+            "[\"*\"]",
+            r#"config/test.toml:12:20: route[0].websocket.allowed_origins[0]: "*" is not an origin (omit allowed_origins to allow any origin)"#,
+        ),
+        (
+            "[\"https://a.example\", \"example.com\"]",
+            r#"config/test.toml:12:41: route[0].websocket.allowed_origins[1]: expected an origin such as "https://chat.example.com" (scheme://host[:port]), got "example.com" (write "https://example.com")"#,
+        ),
+        (
+            "[\"https://example.com/app\"]",
+            r#"config/test.toml:12:20: route[0].websocket.allowed_origins[0]: expected an origin such as "https://chat.example.com" (scheme://host[:port], no path), got "https://example.com/app""#,
+        ),
+        (
+            "[\"wss://example.com\"]",
+            r#"config/test.toml:12:20: route[0].websocket.allowed_origins[0]: expected an origin such as "https://chat.example.com" (scheme://host[:port], with scheme http or https), got "wss://example.com""#,
+        ),
+    ];
+    for (list, want) in cases {
+        let got = error(&format!(
+            "{HEAD}{ROUTE}[route.websocket]\nallowed_origins = {list}\n"
+        ));
+        assert_eq!(got, want);
+    }
+    let c = parse(&format!(
+        "{HEAD}{ROUTE}[route.websocket]\nallowed_origins = [\"https://Chat.Example.com:443/\", \"http://localhost:8080\"]\n"
+    ))
+    .expect("origins are valid");
+    assert_eq!(
+        c.routes[0].websocket.allowed_origins.as_deref(),
+        Some(
+            &[
+                "https://chat.example.com".to_string(),
+                "http://localhost:8080".to_string()
+            ][..]
+        )
+    );
+}
+
+#[test]
+fn listeners_on_one_address_are_refused_naming_both_keys() {
+    let cases = [
+        (
+            "https = \"127.0.0.1:8443\"\nhttp = \"127.0.0.1:8443\"\n",
+            "config/test.toml:3:8: listen.http: same address as listen.https (127.0.0.1:8443); each listener needs its own",
+        ),
+        (
+            "https = \"127.0.0.1:8443\"\nhttp = \"127.0.0.1:8080\"\nadmin = \"127.0.0.1:8080\"\n",
+            "config/test.toml:4:9: listen.admin: same address as listen.http (127.0.0.1:8080); each listener needs its own",
+        ),
+        (
+            "https = \"0.0.0.0:8443\"\nadmin = \"127.0.0.1:8443\"\n",
+            "config/test.toml:3:9: listen.admin: 127.0.0.1:8443 overlaps listen.https (0.0.0.0:8443) on port 8443; each listener needs its own port",
+        ),
+    ];
+    for (listen, want) in cases {
+        let got = error(&format!("[listen]\n{listen}"));
+        assert_eq!(got, want);
+    }
+    // Port 0 picks a free port for each: the tests' gateways bind every listener so.
+    parse(&format!(
+        "[listen]\nhttps = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{}{ROUTE}",
+        &HEAD[HEAD.find("\n[[cert]]").expect("HEAD has a cert")..]
+    ))
+    .expect("port 0 everywhere is valid");
+}
+
+#[test]
+fn duplicate_routes_are_refused_at_the_second_naming_the_first() {
+    let got = error(&format!(
+        "{HEAD}{ROUTE}\n[[route]]\nhost = \"a.example\"\npath = \"/ws\"\nbackends = [\"http://x:1\"]\n\n[[route]]\nhost = \"A.Example\"\npath = \"/ws/\"\nbackends = [\"http://x:2\"]\n"
+    ));
+    assert_eq!(
+        got,
+        "config/test.toml:17:1: route[2]: same host and path as route[1] (a.example/ws)"
+    );
+    // Without a path, "/" and no path are the same route.
+    let got = error(&format!(
+        "{HEAD}{ROUTE}\n[[route]]\nbackends = [\"http://x:2\"]\n"
+    ));
+    assert!(
+        got.contains("route[1]: same host and path as route[0] (*/)"),
+        "{got}"
+    );
+    // Same path on another host, or another path on the same host, is fine.
+    parse(&format!(
+        "{HEAD}{ROUTE}\n[[route]]\nhost = \"a.example\"\nbackends = [\"http://x:2\"]\n\n[[route]]\npath = \"/ws\"\nbackends = [\"http://x:3\"]\n"
+    ))
+    .expect("distinct routes are valid");
+}
+
+#[test]
+fn route_hosts_no_certificate_names_are_reported() {
+    let c = parse(&format!(
+        "{HEAD}{ROUTE}\n[[route]]\nhost = \"chat.example.com\"\nbackends = [\"http://x:1\"]\n\n[[route]]\nhost = \"api.other.test\"\nbackends = [\"http://x:1\"]\n\n[[route]]\nhost = \"*.example.com\"\nbackends = [\"http://x:1\"]\n"
+    ))
+    .expect("valid");
+    let names = ["*.example.com".to_string(), "www.other.test".to_string()];
+    let uncovered = c.uncovered_hosts(&names);
+    assert_eq!(
+        uncovered,
+        [UncoveredHost {
+            route: 2,
+            host: "api.other.test".into()
+        }]
+    );
+    assert_eq!(
+        uncovered[0].to_string(),
+        r#"route[2] host "api.other.test" is not covered by any certificate (clients will see a name mismatch)"#
+    );
+}

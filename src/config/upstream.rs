@@ -359,15 +359,6 @@ impl Located<'_> {
             _ => Err(bad()),
         }
     }
-
-    /// A duration that must not be zero (a zero interval or timeout would spin or fail all).
-    fn positive_duration(&self, key: &str, value: &Text) -> Result<Duration, ConfigError> {
-        let d = self.duration(key, value)?;
-        if d.is_zero() {
-            return Err(self.error(value.span(), format!("{key}: must be more than 0s")));
-        }
-        Ok(d)
-    }
 }
 
 fn is_token(s: &str) -> bool {

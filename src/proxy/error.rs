@@ -13,6 +13,18 @@ pub enum ProxyError {
     NoRoute { host: String, path: String },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// RFC 9112 6.1: a transfer coding other than one `chunked`.
+    #[error("transfer coding not implemented: only chunked is")]
+    UnsupportedTransferCoding,
+    /// The client's body broke off or was malformed (a bad chunk size) while it went to the
+    /// backend: the client's fault, whatever the backend then saw.
+    #[error("route {route}: request body is malformed or incomplete")]
+    BadRequestBody {
+        route: String,
+        backend: String,
+        #[source]
+        source: BoxError,
+    },
     #[error("method {0} is not supported: streamgate is not a forward proxy")]
     MethodNotAllowed(http::Method),
     #[error("route {route}: backend refused the connection")]
@@ -35,10 +47,15 @@ pub enum ProxyError {
     ResponseTimeout { route: String, backend: String },
     #[error("route {route}: no backend available")]
     NoBackend { route: String },
+    #[error("route {route}: too many requests, try again in {retry_after}s")]
+    RateLimited { route: String, retry_after: u64 },
     #[error("route {route}: bad WebSocket handshake: {reason}")]
     BadHandshake { route: String, reason: String },
     #[error("route {route}: Origin {origin:?} is not in websocket.allowed_origins")]
     OriginForbidden { route: String, origin: String },
+    /// RFC 6455 4.4: answered 426 with the version the gateway speaks.
+    #[error("route {route}: Sec-WebSocket-Version must be 13, got {version:?}")]
+    UnsupportedWebSocketVersion { route: String, version: String },
     #[error("route {route}: websocket.max_connections reached")]
     RouteFull { route: String },
     #[error("route {route}: backend broke the WebSocket handshake")]
@@ -65,7 +82,11 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ProxyError::BadRequest(_) | ProxyError::BadHandshake { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_)
+            | ProxyError::BadHandshake { .. }
+            | ProxyError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::UnsupportedWebSocketVersion { .. } => StatusCode::UPGRADE_REQUIRED,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::OriginForbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::BackendRefused { .. }
@@ -74,6 +95,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::RouteFull { .. } | ProxyError::NoBackend { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -87,7 +109,8 @@ impl ProxyError {
             | ProxyError::BackendFailed { backend, .. }
             | ProxyError::ConnectTimeout { backend, .. }
             | ProxyError::ResponseTimeout { backend, .. }
-            | ProxyError::BadUpstreamHandshake { backend, .. } => Some(backend),
+            | ProxyError::BadUpstreamHandshake { backend, .. }
+            | ProxyError::BadRequestBody { backend, .. } => Some(backend),
             _ => None,
         }
     }
@@ -103,9 +126,10 @@ impl ProxyError {
         }
     }
 
-    /// Whether the backend side failed (logged at warn) rather than the client (logged at info).
+    /// Whether the backend side failed (logged at warn) rather than the client (logged at
+    /// debug): a 501 for a transfer coding is the client's doing, though it is a 5xx.
     pub fn is_upstream(&self) -> bool {
-        self.status().is_server_error()
+        self.status().is_server_error() && !matches!(self, ProxyError::UnsupportedTransferCoding)
     }
 }
 
@@ -167,7 +191,30 @@ mod tests {
                 504,
             ),
             (ProxyError::RouteFull { route: route() }, 503),
+            (ProxyError::UnsupportedTransferCoding, 501),
+            (
+                ProxyError::BadRequestBody {
+                    route: route(),
+                    backend: "b".into(),
+                    source: refused(),
+                },
+                400,
+            ),
+            (
+                ProxyError::UnsupportedWebSocketVersion {
+                    route: route(),
+                    version: "12".into(),
+                },
+                426,
+            ),
             (ProxyError::NoBackend { route: route() }, 503),
+            (
+                ProxyError::RateLimited {
+                    route: route(),
+                    retry_after: 1,
+                },
+                429,
+            ),
         ];
         for (error, status) in cases {
             assert_eq!(error.status().as_u16(), status, "{error}");
@@ -175,6 +222,11 @@ mod tests {
             assert!(!error.to_string().contains("\"b\""), "{error}");
             if let Some(b) = error.backend() {
                 assert!(!error.to_string().contains(&format!(" {b} ")), "{error}");
+            }
+            // Nor its error chain: that is the log's.
+            if let Some(source) = std::error::Error::source(&error) {
+                assert!(!error.to_string().contains(&source.to_string()), "{error}");
+                assert!(error.detail().contains(&source.to_string()), "{error}");
             }
         }
     }

@@ -13,6 +13,7 @@ use super::access::AccessEntry;
 use super::body::{BodySlot, GatewayBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers::{add_forwarded, remove_hop_by_hop};
+use super::request::RequestFacts;
 use super::sse::{is_event_stream, SseBody};
 use super::ConnInfo;
 use crate::drain::Drain;
@@ -25,12 +26,13 @@ use crate::upstream::{Backend, OpenGuard, PickInput, PooledBody};
 pub async fn forward(
     route: &Arc<Route>,
     req: Request<Incoming>,
+    facts: &RequestFacts,
     conn: &ConnInfo,
     drain: &Drain,
     entry: &mut AccessEntry,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    prepare_headers(&mut parts.headers, &parts.uri, conn);
+    prepare_headers(&mut parts.headers, facts, conn);
     let (body, slot) = UpstreamBody::new(body, &route.metrics.bytes_in);
     let sent = send(
         BackendRequest {
@@ -66,9 +68,18 @@ pub async fn forward(
         response.headers_mut().remove(header::CONTENT_LENGTH);
         entry.stream = true;
         let route = route.clone();
-        return Ok(
-            response.map(|body| GatewayBody::boxed(SseBody::new(body, route, conn.id, drain)))
-        );
+        let encoded = is_encoded(response.headers());
+        if encoded {
+            // Heartbeats and the retry hint are plain text: spliced into a compressed body they
+            // would corrupt it. The stream passes untouched (idle timeout and drain still apply).
+            tracing::debug!(
+                conn_id = conn.id,
+                route = %route.name,
+                "event stream has a Content-Encoding: no heartbeats or retry hint"
+            );
+        }
+        return Ok(response
+            .map(|body| GatewayBody::boxed(SseBody::new(body, route, conn.id, drain, encoded))));
     }
     Ok(response.map(|body| GatewayBody::Upstream { body }))
 }
@@ -129,7 +140,7 @@ pub(super) async fn send(
     for attempt in 1..=tries {
         let last_try = attempt == tries;
         let input = PickInput {
-            client_ip: conn.peer.ip(),
+            client_ip: conn.client,
             headers: &headers,
             query: uri.query(),
         };
@@ -223,6 +234,15 @@ pub(super) async fn send(
             }
             Ok(Err(e)) => e,
         };
+        if client_body_failed(&error.error) {
+            // The client's body was malformed or broke off while it went out (hyper reports
+            // what our body yielded as a "user body" error). The backend is not to blame.
+            return Err(ProxyError::BadRequestBody {
+                route: route.name.clone(),
+                backend: backend.address.to_string(),
+                source: Box::new(error.error),
+            });
+        }
         // Nothing was written, or a kept-alive connection was closed under an idempotent
         // request (the backend's idle close racing our reuse): sending again is safe.
         // (A fresh connection to the only backend is worth it only for a reused one.)
@@ -255,6 +275,26 @@ pub(super) async fn send(
     Err(ProxyError::NoBackend {
         route: route.name.clone(),
     })
+}
+
+/// Whether hyper failed the exchange because the request body (the client's `Incoming`, the
+/// only source of body errors in [`UpstreamBody`]) yielded an error.
+fn client_body_failed(error: &hyper::Error) -> bool {
+    use std::error::Error;
+    error.is_user()
+        && error
+            .source()
+            .is_some_and(|s| s.downcast_ref::<hyper::Error>().is_some())
+}
+
+/// A `Content-Encoding` other than `identity`.
+fn is_encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|c| c.trim_ascii())
+        .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"))
 }
 
 fn connect_error(route: &Route, backend: &Backend, e: ConnectError) -> ProxyError {
@@ -299,16 +339,89 @@ fn backend_path(route: &Route, uri: &Uri) -> Result<PathAndQuery, ProxyError> {
         .map_err(|_| ProxyError::BadRequest("request target is not a valid URI"))
 }
 
-/// Hop-by-hop headers out, X-Forwarded-* in, and `Host` as the client sent it (an HTTP/2
-/// client sends `:authority` instead, which becomes `Host` towards the HTTP/1.1 backend).
-pub(super) fn prepare_headers(headers: &mut HeaderMap, uri: &Uri, conn: &ConnInfo) {
-    let host = headers.get(header::HOST).cloned().or_else(|| {
-        uri.authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+/// Hop-by-hop headers out, X-Forwarded-* in, and `Host` set to the request's one authoritative
+/// host (the one it was routed on: [`RequestFacts`]). Split cookie fields become one.
+pub(super) fn prepare_headers(headers: &mut HeaderMap, facts: &RequestFacts, conn: &ConnInfo) {
     remove_hop_by_hop(headers);
-    add_forwarded(headers, conn.peer.ip(), conn.tls, host.as_ref());
-    if let Some(host) = host {
-        headers.insert(header::HOST, host);
+    // Only a trusted proxy's forwarding headers survive; everyone else's are replaced.
+    crate::trust::strip_untrusted(headers, conn.forwarded_trusted);
+    // The hop the gateway saw: the trusted proxy (its client is already in the list), or
+    // the client itself.
+    let hop = if conn.forwarded_trusted {
+        conn.peer.ip()
+    } else {
+        conn.client
+    };
+    let proto_from_proxy = if conn.forwarded_trusted {
+        headers.get(crate::trust::X_FORWARDED_PROTO).cloned()
+    } else {
+        None
+    };
+    add_forwarded(headers, hop, conn.tls, facts.host_header.as_ref());
+    if let Some(proto) = proto_from_proxy {
+        // A TLS-ending balancer in front: the client spoke https even if the hop to us is plain.
+        headers.insert(crate::trust::X_FORWARDED_PROTO, proto);
+    }
+    match &facts.host_header {
+        Some(host) => {
+            headers.insert(header::HOST, host.clone());
+        }
+        None => {
+            headers.remove(header::HOST);
+        }
+    }
+    join_cookies(headers);
+}
+
+/// RFC 9113 8.2.3: an HTTP/2 client may send each cookie in a field of its own; towards an
+/// HTTP/1.1 backend they are one field, joined with "; ".
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Valid header bytes joined by "; " are valid header bytes.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_cookies_are_joined_in_order() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2; c=3"));
+        h.append(header::COOKIE, HeaderValue::from_static("d=4"));
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3; d=4"]);
+        let mut one = HeaderMap::new();
+        one.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut one);
+        assert_eq!(one[header::COOKIE], "a=1");
+    }
+
+    #[test]
+    fn content_encoding_other_than_identity_counts() {
+        let mut h = HeaderMap::new();
+        assert!(!is_encoded(&h));
+        h.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        assert!(!is_encoded(&h));
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        assert!(is_encoded(&h));
     }
 }

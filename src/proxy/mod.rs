@@ -6,6 +6,7 @@ pub mod body;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod request;
 pub mod sse;
 pub mod websocket;
 
@@ -15,23 +16,32 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use crate::config::HttpMode;
+use crate::config::{HttpMode, RateKey};
 use crate::drain::Drain;
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::router::{request_host, Router};
+use crate::router::{Route, Router};
 use access::{AccessEntry, Logged};
 use body::GatewayBody;
 use error::ProxyError;
+use request::RequestFacts;
 
 /// What the request path knows about the client connection a request came in on.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The connection's id in logs (`conn_id`).
     pub id: u64,
+    /// The TCP peer: the client, or a load balancer in front.
     pub peer: SocketAddr,
+    /// The client: the peer, the address a PROXY protocol header gave, or (per request, set
+    /// by [`Gateway::handle`]) what a trusted proxy's `X-Forwarded-For` says. Logs, limits and
+    /// `hash_key = "client_ip"` use it.
+    pub client: std::net::IpAddr,
+    /// The peer is a trusted proxy speaking HTTP: its `X-Forwarded-*` headers are believed.
+    /// (A PROXY protocol peer is a TCP balancer: the HTTP headers are the client's own.)
+    pub forwarded_trusted: bool,
     /// Whether the request arrived on the TLS listener.
     pub tls: bool,
     /// The connection's place under `limits.max_connections` and in `open_connections`.
@@ -48,6 +58,9 @@ pub struct Gateway {
     /// with.
     router: ArcSwap<Router>,
     http_mode: HttpMode,
+    /// `listen.trusted_proxies` and `listen.proxy_protocol`.
+    pub trusted: crate::trust::TrustedProxies,
+    pub proxy_protocol: bool,
     /// Port of the TLS listener, for redirects from the plain one.
     https_port: u16,
     /// WebSocket tunnels outlive their request: they are spawned here so shutdown sees them.
@@ -75,14 +88,16 @@ const RECENT_ERRORS: usize = 20;
 impl Gateway {
     pub fn new(
         router: Router,
-        http_mode: HttpMode,
+        listen: &crate::config::Listen,
         https_port: u16,
         drain: Drain,
         metrics: Arc<Metrics>,
     ) -> Gateway {
         Gateway {
             router: ArcSwap::from_pointee(router),
-            http_mode,
+            http_mode: listen.http_mode,
+            trusted: listen.trusted_proxies.clone(),
+            proxy_protocol: listen.proxy_protocol,
             https_port,
             drain,
             unrouted: Arc::new(metrics.route("-")),
@@ -105,8 +120,12 @@ impl Gateway {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        conn: ConnInfo,
+        mut conn: ConnInfo,
     ) -> Result<Response<Logged>, Infallible> {
+        if conn.forwarded_trusted {
+            // A trusted proxy names its client in X-Forwarded-For.
+            conn.client = self.trusted.client(conn.peer.ip(), req.headers());
+        }
         let mut entry = AccessEntry::new(
             req.method(),
             req.uri(),
@@ -115,6 +134,7 @@ impl Gateway {
         );
         entry.conn_id = conn.id;
         entry.active = Some(conn.activity.begin());
+        let version = req.version();
         // Boxed: the routing future is a few KiB, and hyper moves the request future around
         // (into a task per HTTP/2 stream); a pointer moves cheaper than the state machine.
         let response = match Box::pin(self.route(req, &conn, &mut entry)).await {
@@ -133,9 +153,27 @@ impl Gateway {
                     );
                     self.remember(route, &error);
                 } else {
-                    tracing::debug!(conn_id = conn.id, route, error = %error, "request refused");
+                    tracing::debug!(
+                        conn_id = conn.id,
+                        route,
+                        backend = error.backend().unwrap_or("-"),
+                        error = %error,
+                        detail = %error.detail(),
+                        "request refused"
+                    );
                 }
-                error_response(&error)
+                let mut response = error_response(&error);
+                let framing = matches!(
+                    error,
+                    ProxyError::UnsupportedTransferCoding | ProxyError::BadRequestBody { .. }
+                );
+                if framing && version < Version::HTTP_2 {
+                    // Where this request's body ends is in doubt: no next request on it.
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                response
             }
         };
         entry.status = response.status().as_u16();
@@ -165,13 +203,12 @@ impl Gateway {
         conn: &ConnInfo,
         entry: &mut AccessEntry,
     ) -> Result<Response<GatewayBody>, ProxyError> {
-        let host = request_host(&req);
-        if host.is_none() && req.version() == Version::HTTP_11 {
-            // RFC 9112 3.2: a server must answer 400 to an HTTP/1.1 request without Host.
-            return Err(ProxyError::BadRequest("missing Host header"));
-        }
+        // One host for routing, Host, X-Forwarded-Host and redirects (and the checks a route
+        // boundary relies on), decided before anything reads them.
+        let facts = RequestFacts::of(&req)?;
+        let host = facts.host.as_deref();
         if !conn.tls && self.http_mode == HttpMode::Redirect {
-            return self.redirect(&req, host.as_deref());
+            return self.redirect(&req, host);
         }
         let is_websocket = is_websocket_request(&req);
         if req.method() == Method::CONNECT && !is_websocket {
@@ -180,17 +217,18 @@ impl Gateway {
         let route = self
             .router
             .load()
-            .find(host.as_deref(), req.uri().path())
+            .find(host, req.uri().path())
             .ok_or_else(|| ProxyError::NoRoute {
-                host: host.clone().unwrap_or_default(),
+                host: host.unwrap_or_default().to_string(),
                 path: req.uri().path().to_string(),
             })?
             .clone();
         entry.route = Some(route.clone());
+        check_rate(&route, &req, conn)?;
         if is_websocket {
-            websocket::bridge(&route, req, conn, &self.drain, entry).await
+            websocket::bridge(&route, req, &facts, conn, &self.drain, entry).await
         } else {
-            forward::forward(&route, req, conn, &self.drain, entry).await
+            forward::forward(&route, req, &facts, conn, &self.drain, entry).await
         }
     }
 
@@ -226,6 +264,39 @@ fn is_websocket_request<B>(req: &Request<B>) -> bool {
     headers::has_token(req.headers(), header::UPGRADE, "websocket")
 }
 
+/// `[route.rate_limit]`: a token for this client (or header value), or 429 before any backend
+/// is contacted.
+fn check_rate<B>(route: &Route, req: &Request<B>, conn: &ConnInfo) -> Result<(), ProxyError> {
+    let Some((config, limiter)) = route
+        .config
+        .rate_limit
+        .as_ref()
+        .zip(route.rate_limiter.as_ref())
+    else {
+        return Ok(());
+    };
+    // Keys of the two kinds cannot collide; a request without the header counts by address,
+    // so leaving the header out is no way around the limit.
+    let header = match &config.key {
+        RateKey::Header(name) => req.headers().get(name),
+        RateKey::ClientIp => None,
+    };
+    let key: Vec<u8> = match header {
+        Some(v) => [b"h:", v.as_bytes()].concat(),
+        None => match conn.client {
+            std::net::IpAddr::V4(ip) => [&b"4:"[..], &ip.octets()].concat(),
+            std::net::IpAddr::V6(ip) => [&b"6:"[..], &ip.octets()].concat(),
+        },
+    };
+    limiter.check(&key).map_err(|wait| {
+        route.metrics.limited_requests.inc();
+        ProxyError::RateLimited {
+            route: route.name.clone(),
+            retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
+        }
+    })
+}
+
 /// The gateway's own answer to an error: the status, and the reason as a one-line text body.
 pub fn error_response(error: &ProxyError) -> Response<GatewayBody> {
     let mut response = Response::new(GatewayBody::full(format!("streamgate: {error}\n")));
@@ -234,5 +305,17 @@ pub fn error_response(error: &ProxyError) -> Response<GatewayBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    if let ProxyError::RateLimited { retry_after, .. } = error {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+    }
+    if let ProxyError::UnsupportedWebSocketVersion { .. } = error {
+        // RFC 6455 4.4: the 426 names the version the gateway speaks.
+        response.headers_mut().insert(
+            HeaderName::from_static("sec-websocket-version"),
+            HeaderValue::from_static("13"),
+        );
+    }
     response
 }

@@ -108,6 +108,10 @@ pub struct SseBody {
     draining: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Shutdown has begun: end at the next event boundary.
     closing: bool,
+    /// The body has a Content-Encoding: its bytes pass untouched, with no heartbeat or retry
+    /// hint (plain text in a compressed body would corrupt it), and event boundaries cannot
+    /// be seen, so shutdown ends it at once.
+    encoded: bool,
     ended: Option<Ending>,
     start: Instant,
     events: u64,
@@ -115,7 +119,13 @@ pub struct SseBody {
 }
 
 impl SseBody {
-    pub fn new(inner: PooledBody, route: Arc<Route>, conn_id: u64, drain: &Drain) -> SseBody {
+    pub fn new(
+        inner: PooledBody,
+        route: Arc<Route>,
+        conn_id: u64,
+        drain: &Drain,
+        encoded: bool,
+    ) -> SseBody {
         let SseConfig {
             heartbeat,
             idle_timeout,
@@ -133,6 +143,7 @@ impl SseBody {
             last_backend: now,
             draining: Box::pin(drain.draining_owned()),
             closing: false,
+            encoded,
             ended: None,
             start: now,
             events: 0,
@@ -141,7 +152,9 @@ impl SseBody {
     }
 
     fn send(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.events += self.boundary.advance(&data);
+        if !self.encoded {
+            self.events += self.boundary.advance(&data);
+        }
         self.bytes += data.len() as u64;
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
@@ -149,7 +162,13 @@ impl SseBody {
     /// The stream ends here: a final `retry:` hint on shutdown, when configured, then the end.
     fn end(&mut self, ending: Ending) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.ended = Some(ending);
-        if let (Ending::Shutdown, Some(retry)) = (ending, self.route.config.sse.shutdown_retry) {
+        let retry = self
+            .route
+            .config
+            .sse
+            .shutdown_retry
+            .filter(|_| !self.encoded);
+        if let (Ending::Shutdown, Some(retry)) = (ending, retry) {
             let hint = format!("retry: {}\n\n", retry.as_millis());
             return self.send(Bytes::from(hint));
         }
@@ -172,7 +191,7 @@ impl Body for SseBody {
         if !this.closing && this.draining.as_mut().poll(cx).is_ready() {
             this.closing = true;
         }
-        if this.closing && this.boundary.at_event_boundary() {
+        if this.closing && (this.encoded || this.boundary.at_event_boundary()) {
             return this.end(Ending::Shutdown);
         }
 
@@ -182,10 +201,12 @@ impl Body for SseBody {
                 return match frame.into_data() {
                     // Shutting down: the stream ends at the first boundary, even one inside a
                     // chunk; the start of the next event is not sent.
-                    Ok(data) if this.closing => match this.boundary.first_boundary(&data) {
-                        Some(end) => this.send(data.slice(..end)),
-                        None => this.send(data),
-                    },
+                    Ok(data) if this.closing && !this.encoded => {
+                        match this.boundary.first_boundary(&data) {
+                            Some(end) => this.send(data.slice(..end)),
+                            None => this.send(data),
+                        }
+                    }
                     Ok(data) => this.send(data),
                     // Trailers pass as they are.
                     Err(frame) => Poll::Ready(Some(Ok(frame))),
@@ -219,7 +240,7 @@ impl Body for SseBody {
                 return this.end(Ending::Idle);
             }
             let mut next = this.last_backend + idle_timeout;
-            if let Some(every) = heartbeat {
+            if let Some(every) = heartbeat.filter(|_| !this.encoded) {
                 if quiet >= every && this.boundary.at_event_boundary() {
                     // A heartbeat counts as the backend's silence continuing, not as activity:
                     // the next one is due a full interval from now.

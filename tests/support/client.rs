@@ -120,6 +120,21 @@ impl Client {
         client
     }
 
+    /// HTTP over a TLS connection on which no ALPN was agreed (the gateway goes by the
+    /// preface); `proto` is what the client speaks all the same.
+    pub async fn over_tls_without_alpn(
+        proto: Proto,
+        tls: TlsStream<TcpStream>,
+        authority: &str,
+    ) -> Client {
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            None,
+            "no ALPN should be agreed"
+        );
+        Client::handshake(proto, tls, "https", authority).await
+    }
+
     /// HTTP over plain TCP (HTTP/2 with prior knowledge).
     pub async fn plain(proto: Proto, addr: SocketAddr, authority: &str) -> Client {
         let tcp = within("TCP connect to the gateway", TcpStream::connect(addr))

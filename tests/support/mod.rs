@@ -7,6 +7,7 @@ pub mod body;
 pub mod client;
 pub mod dns;
 pub mod gateway;
+pub mod logs;
 pub mod pki;
 pub mod process;
 pub mod sse;

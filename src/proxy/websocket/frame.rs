@@ -24,6 +24,7 @@ pub const OP_PONG: u8 = 0xA;
 /// Close codes the gateway sends (RFC 6455 7.4.1).
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
 

@@ -20,6 +20,7 @@ use super::body::{GatewayBody, UpstreamBody};
 use super::error::ProxyError;
 use super::forward::{prepare_headers, send, BackendRequest};
 use super::headers::{has_token, remove_hop_by_hop};
+use super::request::RequestFacts;
 use super::ConnInfo;
 use crate::drain::Drain;
 use crate::router::Route;
@@ -35,6 +36,7 @@ const SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket
 pub async fn bridge(
     route: &Arc<Route>,
     mut req: Request<Incoming>,
+    facts: &RequestFacts,
     conn: &ConnInfo,
     drain: &Drain,
     entry: &mut AccessEntry,
@@ -48,7 +50,13 @@ pub async fn bridge(
         // RFC 6455 4.1: the opening handshake is a GET.
         return Err(bad(format!("method must be GET, got {}", req.method())));
     }
-    check_handshake(req.headers(), h2).map_err(bad)?;
+    check_handshake(req.headers(), h2).map_err(|e| match e {
+        HandshakeError::Version(version) => ProxyError::UnsupportedWebSocketVersion {
+            route: route.name.clone(),
+            version,
+        },
+        HandshakeError::Bad(reason) => bad(reason),
+    })?;
     check_origin(route, req.headers())?;
     let slot = match &route.websocket_slots {
         Some(slots) => {
@@ -67,7 +75,7 @@ pub async fn bridge(
     // Must be taken before the response goes out (hyper's upgrade order).
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, _empty_body) = req.into_parts();
-    prepare_headers(&mut parts.headers, &parts.uri, conn);
+    prepare_headers(&mut parts.headers, facts, conn);
     // Upgrade and Connection are hop-by-hop and were just removed: put the pair back.
     parts
         .headers
@@ -112,8 +120,23 @@ pub async fn bridge(
     } else {
         None
     };
+    let upstream_bad = |reason: &str| ProxyError::BadUpstreamHandshake {
+        route: route.name.clone(),
+        backend: backend.clone(),
+        reason: reason.to_string(),
+    };
+    if h2 && response.status().is_success() {
+        // RFC 8441 5: to an HTTP/2 client a 2xx means "open". A backend that answered 2xx
+        // without switching (an SPA catch-all) left no tunnel behind it: relaying its answer
+        // would tell the client a WebSocket is open when none is.
+        return Err(upstream_bad(&format!(
+            "answered {} instead of 101 to the upgrade",
+            response.status().as_u16()
+        )));
+    }
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // The backend said no: its answer reaches the client as it is.
+        // The backend said no: its answer reaches the client as it is (not a 101, and over
+        // HTTP/2 not a 2xx, so the client cannot take it for an open WebSocket).
         tracing::info!(
             conn_id = conn.id,
             route = %route.name,
@@ -126,11 +149,6 @@ pub async fn bridge(
             body: PooledBody::new(body, None, Some(open)),
         }));
     }
-    let upstream_bad = |reason: &str| ProxyError::BadUpstreamHandshake {
-        route: route.name.clone(),
-        backend: backend.clone(),
-        reason: reason.to_string(),
-    };
     if !has_token(response.headers(), header::UPGRADE, "websocket") {
         return Err(upstream_bad("101 without Upgrade: websocket"));
     }
@@ -217,12 +235,16 @@ impl Tunnel {
             ping_interval: ws.ping_interval,
             idle_timeout: ws.idle_timeout,
             max_message_size: ws.max_message_size,
+            max_messages_per_second: ws.max_messages_per_second,
         };
         let metrics = &route.metrics;
         metrics.websockets.inc();
         let (client, backend_io) = (TokioIo::new(client), TokioIo::new(backend_io));
         let stats = relay(client, backend_io, config, &self.drain).await;
         metrics.websockets.dec();
+        if stats.reason == Some("message rate exceeded") {
+            metrics.limited_messages.inc();
+        }
         metrics
             .websocket_lifetime
             .observe(start.elapsed().as_secs_f64());
@@ -246,27 +268,36 @@ impl Tunnel {
     }
 }
 
-/// RFC 6455 4.2.1 (HTTP/1.1) and RFC 8441 4 (HTTP/2): the reason is the body of the 400.
-fn check_handshake(headers: &HeaderMap, h2: bool) -> Result<(), String> {
+/// Why a client's handshake is refused.
+#[derive(Debug, PartialEq)]
+enum HandshakeError {
+    /// 400, with the reason as its body.
+    Bad(String),
+    /// RFC 6455 4.4: a version the gateway does not speak gets 426 naming version 13.
+    Version(String),
+}
+
+/// RFC 6455 4.2.1 (HTTP/1.1) and RFC 8441 4 (HTTP/2).
+fn check_handshake(headers: &HeaderMap, h2: bool) -> Result<(), HandshakeError> {
+    let bad = |reason: &str| Err(HandshakeError::Bad(reason.into()));
     if !h2 {
         if !has_token(headers, header::CONNECTION, "upgrade") {
-            return Err("Connection header must contain \"upgrade\"".into());
+            return bad("Connection header must contain \"upgrade\"");
         }
         match headers.get(SEC_WEBSOCKET_KEY).map(|v| v.as_bytes()) {
-            None => return Err("missing Sec-WebSocket-Key header".into()),
+            None => return bad("missing Sec-WebSocket-Key header"),
             Some(k) if !is_websocket_key(k) => {
-                return Err("Sec-WebSocket-Key must be 16 bytes in base64".into())
+                return bad("Sec-WebSocket-Key must be 16 bytes in base64")
             }
             Some(_) => {}
         }
     }
     match headers.get(SEC_WEBSOCKET_VERSION) {
         Some(v) if v.as_bytes() == b"13" => Ok(()),
-        Some(v) => Err(format!(
-            "Sec-WebSocket-Version must be 13, got {:?}",
-            String::from_utf8_lossy(v.as_bytes())
+        Some(v) => Err(HandshakeError::Version(
+            String::from_utf8_lossy(v.as_bytes()).into_owned(),
         )),
-        None => Err("missing Sec-WebSocket-Version header".into()),
+        None => bad("missing Sec-WebSocket-Version header"),
     }
 }
 
@@ -337,11 +368,7 @@ mod tests {
             (0, Some(("connection", "keep-alive")), "Connection"),
             (1, None, "missing Sec-WebSocket-Key"),
             (1, Some(("sec-websocket-key", "short")), "Sec-WebSocket-Key"),
-            (
-                2,
-                Some(("sec-websocket-version", "8")),
-                "Version must be 13",
-            ),
+            (2, None, "missing Sec-WebSocket-Version"),
         ];
         for (skip, replace, expected) in cases {
             let mut h = HeaderMap::new();
@@ -354,7 +381,19 @@ mod tests {
                 h.append(k, HeaderValue::from_static(v));
             }
             let err = check_handshake(&h, false).expect_err("handshake is bad");
+            let HandshakeError::Bad(err) = err else {
+                panic!("{err:?} should be a 400");
+            };
             assert!(err.contains(expected), "{err:?} should mention {expected}");
         }
+    }
+
+    #[test]
+    fn other_versions_get_426() {
+        let h = headers(&[("sec-websocket-version", "12")]);
+        assert_eq!(
+            check_handshake(&h, true),
+            Err(HandshakeError::Version("12".into()))
+        );
     }
 }

@@ -33,6 +33,43 @@ pub struct RelayConfig {
     pub ping_interval: Option<Duration>,
     pub idle_timeout: Duration,
     pub max_message_size: Option<u64>,
+    /// Messages a second the client may send (bursts of twice that).
+    pub max_messages_per_second: Option<u32>,
+}
+
+/// A token bucket for one connection's messages: no map, no lock, a few bytes.
+#[derive(Debug)]
+struct MessageRate {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl MessageRate {
+    fn new(per_second: u32) -> MessageRate {
+        let burst = 2.0 * f64::from(per_second);
+        MessageRate {
+            per_second: f64::from(per_second),
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token for a new message; false when there is none.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Who ended the connection, for the access log.
@@ -82,6 +119,8 @@ enum Event {
     CloseForwarded(Option<u16>),
     /// The source started a frame that takes its message past `max_message_size`.
     TooBig,
+    /// The source started a message beyond `max_messages_per_second`.
+    TooFast,
     /// The source sent bytes that are not a WebSocket frame.
     Invalid(&'static str),
 }
@@ -116,6 +155,8 @@ struct Pump {
     close_sent: bool,
     last_read: Instant,
     stats: DirectionStats,
+    /// The client's message rate (client -> backend only).
+    rate: Option<MessageRate>,
 }
 
 /// Why [`Pump::forward`] stopped.
@@ -147,6 +188,7 @@ impl Pump {
             close_sent: false,
             last_read: Instant::now(),
             stats: DirectionStats::default(),
+            rate: None,
         }
     }
 
@@ -307,6 +349,11 @@ impl Pump {
                     // The frame is not forwarded: its receiver sees a clean boundary.
                     return (pos, Some(Event::TooBig));
                 }
+                let starts_message = h.opcode != frame::OP_CONTINUATION;
+                if starts_message && self.rate.as_mut().is_some_and(|r| !r.take()) {
+                    // Not forwarded either: the backend never sees the message over the rate.
+                    return (pos, Some(Event::TooFast));
+                }
                 self.message_len = len;
                 if h.fin {
                     self.stats.messages += 1;
@@ -439,6 +486,7 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let mut up = Pump::new(true); // client -> backend
+    up.rate = config.max_messages_per_second.map(MessageRate::new);
     let mut down = Pump::new(false); // backend -> client
     let mut outcome = Outcome::default();
 
@@ -563,6 +611,14 @@ where
                 // 1009 to the sender, 1001 to the receiver, each at its own frame boundary.
                 to.push_close(frame::CLOSE_TOO_BIG, "message too big");
                 from.push_close(frame::CLOSE_GOING_AWAY, "peer sent a message too big");
+                linger(&mut closing, deadline.as_mut());
+            }
+            Event::TooFast => {
+                outcome.gateway(frame::CLOSE_POLICY, "message rate exceeded");
+                // 1008 to the client (only the client's direction is limited), 1001 to the
+                // backend, each at its own frame boundary.
+                to.push_close(frame::CLOSE_POLICY, "message rate exceeded");
+                from.push_close(frame::CLOSE_GOING_AWAY, "client sent messages too fast");
                 linger(&mut closing, deadline.as_mut());
             }
             Event::Invalid(why) => {

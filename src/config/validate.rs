@@ -1,0 +1,436 @@
+//! Checks on values and between keys: addresses, numbers and durations in range, origins,
+//! listeners that would clash, routes that repeat, and route hosts no certificate covers.
+
+use std::net::SocketAddr;
+use std::ops::{Range, RangeInclusive};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw::{RawListen, RawRateLimit, RawRoute, Text};
+use super::{
+    Config, ConfigError, HostMatch, Listen, Located, RateKey, RateLimitConfig, RouteConfig,
+};
+
+/// The longest duration any key accepts. Far beyond any sensible timeout, and far below what
+/// overflows when added to an `Instant` (humantime parses "300000000000y" without complaint).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+impl Located<'_> {
+    /// `listen.trusted_proxies`: networks (`10.0.0.0/8`) or single addresses.
+    pub(super) fn trusted_proxies(
+        &self,
+        raw: &RawListen,
+    ) -> Result<crate::trust::TrustedProxies, ConfigError> {
+        let Some(list) = &raw.trusted_proxies else {
+            return Ok(Default::default());
+        };
+        let nets = list
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let s = v.get_ref().trim();
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        self.error(
+                            v.span(),
+                            format!(
+                                "listen.trusted_proxies[{i}]: expected a network such as \"10.0.0.0/8\" or an address, got {s:?}"
+                            ),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::trust::TrustedProxies::new(nets))
+    }
+
+    /// `[route.rate_limit]`.
+    pub(super) fn rate_limit(
+        &self,
+        key: &dyn Fn(&str) -> String,
+        raw: &Option<RawRateLimit>,
+    ) -> Result<Option<RateLimitConfig>, ConfigError> {
+        let Some(r) = raw else { return Ok(None) };
+        let rps = self.int(
+            &key("rate_limit.requests_per_second"),
+            &r.requests_per_second,
+            1..=1_000_000,
+        )? as u32;
+        let burst = match &r.burst {
+            None => rps,
+            Some(b) => self.int(&key("rate_limit.burst"), b, 1..=10_000_000)? as u32,
+        };
+        let by = match &r.key {
+            None => RateKey::ClientIp,
+            Some(k) => match k.get_ref().as_str() {
+                "client_ip" => RateKey::ClientIp,
+                other => match other
+                    .strip_prefix("header:")
+                    .and_then(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
+                {
+                    Some(name) => RateKey::Header(name),
+                    None => {
+                        return Err(self.error(
+                            k.span(),
+                            format!(
+                                "{}: expected \"client_ip\" or \"header:NAME\", got {other:?}",
+                                key("rate_limit.key")
+                            ),
+                        ))
+                    }
+                },
+            },
+        };
+        Ok(Some(RateLimitConfig {
+            requests_per_second: rps,
+            burst,
+            key: by,
+        }))
+    }
+
+    pub(super) fn addr(&self, key: &str, value: &Text) -> Result<SocketAddr, ConfigError> {
+        value.get_ref().parse().map_err(|_| {
+            self.error(
+                value.span(),
+                format!(
+                    "{key}: expected an address and port such as \"0.0.0.0:8443\" or \"[::]:8443\", got {:?}",
+                    value.get_ref()
+                ),
+            )
+        })
+    }
+
+    /// A duration from 0s up to [`MAX_DURATION`]: for keys where zero means "none" or "at once".
+    pub(super) fn duration(&self, key: &str, value: &Text) -> Result<Duration, ConfigError> {
+        let d = humantime::parse_duration(value.get_ref()).map_err(|e| {
+            self.error(
+                value.span(),
+                format!(
+                    "{key}: expected a duration such as \"500ms\", \"15s\" or \"5m\", got {:?} ({e})",
+                    value.get_ref()
+                ),
+            )
+        })?;
+        if d > MAX_DURATION {
+            return Err(self.error(
+                value.span(),
+                format!("{key}: must be at most 365d, got {:?}", value.get_ref()),
+            ));
+        }
+        Ok(d)
+    }
+
+    pub(super) fn duration_or(
+        &self,
+        key: &str,
+        value: &Option<Text>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        value
+            .as_ref()
+            .map_or(Ok(default), |v| self.duration(key, v))
+    }
+
+    /// A duration that must not be zero: a zero interval would spin, a zero timeout would end
+    /// every connection or request at once.
+    pub(super) fn positive_duration(
+        &self,
+        key: &str,
+        value: &Text,
+    ) -> Result<Duration, ConfigError> {
+        let d = self.duration(key, value)?;
+        if d.is_zero() {
+            return Err(self.error(value.span(), format!("{key}: must be more than 0s")));
+        }
+        Ok(d)
+    }
+
+    pub(super) fn positive_duration_or(
+        &self,
+        key: &str,
+        value: &Option<Text>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        value
+            .as_ref()
+            .map_or(Ok(default), |v| self.positive_duration(key, v))
+    }
+
+    /// An optional interval: zero is refused with the way to switch it off instead.
+    pub(super) fn interval(
+        &self,
+        key: &str,
+        value: &Option<Text>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        let Some(v) = value else { return Ok(None) };
+        let d = self.duration(key, v)?;
+        if d.is_zero() {
+            return Err(self.error(
+                v.span(),
+                format!("{key}: must be more than 0s (leave the key out for none)"),
+            ));
+        }
+        Ok(Some(d))
+    }
+
+    pub(super) fn int(
+        &self,
+        key: &str,
+        value: &Spanned<i64>,
+        range: RangeInclusive<usize>,
+    ) -> Result<usize, ConfigError> {
+        usize::try_from(*value.get_ref())
+            .ok()
+            .filter(|v| range.contains(v))
+            .ok_or_else(|| {
+                self.error(
+                    value.span(),
+                    format!(
+                        "{key}: expected a whole number from {} to {}, got {}",
+                        range.start(),
+                        range.end(),
+                        value.get_ref()
+                    ),
+                )
+            })
+    }
+
+    pub(super) fn int_or(
+        &self,
+        key: &str,
+        value: &Option<Spanned<i64>>,
+        range: RangeInclusive<usize>,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
+        value
+            .as_ref()
+            .map_or(Ok(default), |v| self.int(key, v, range))
+    }
+
+    /// `websocket.allowed_origins`: each entry an origin as browsers send it (RFC 6454 6.1),
+    /// `scheme://host[:port]`, lowercase, without the scheme's default port.
+    pub(super) fn allowed_origins(
+        &self,
+        key: &str,
+        list: &[Text],
+    ) -> Result<Vec<String>, ConfigError> {
+        list.iter()
+            .enumerate()
+            .map(|(i, o)| {
+                origin(o.get_ref())
+                    .map_err(|why| self.error(o.span(), format!("{key}[{i}]: {why}")))
+            })
+            .collect()
+    }
+
+    /// Two listeners on one port would fail at start-up with "address in use"; say which keys.
+    pub(super) fn listen_clashes(
+        &self,
+        raw: &RawListen,
+        listen: &Listen,
+    ) -> Result<(), ConfigError> {
+        let mut set: Vec<(&str, SocketAddr, Range<usize>)> =
+            vec![("listen.https", listen.https, raw.https.span())];
+        if let (Some(addr), Some(text)) = (listen.http, &raw.http) {
+            set.push(("listen.http", addr, text.span()));
+        }
+        if let (Some(addr), Some(text)) = (listen.admin, &raw.admin) {
+            set.push(("listen.admin", addr, text.span()));
+        }
+        for (i, (key, addr, span)) in set.iter().enumerate() {
+            for (other, other_addr, _) in &set[..i] {
+                if addr == other_addr && addr.port() != 0 {
+                    return Err(self.error(
+                        span.clone(),
+                        format!("{key}: same address as {other} ({other_addr}); each listener needs its own"),
+                    ));
+                }
+                if clash(*addr, *other_addr) {
+                    return Err(self.error(
+                        span.clone(),
+                        format!("{key}: {addr} overlaps {other} ({other_addr}) on port {}; each listener needs its own port", addr.port()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Two routes with the same host and path: the router would keep only one of them.
+    pub(super) fn duplicate_routes(
+        &self,
+        raw: &[Spanned<RawRoute>],
+        routes: &[RouteConfig],
+    ) -> Result<(), ConfigError> {
+        for (i, r) in routes.iter().enumerate() {
+            if let Some(first) = routes[..i]
+                .iter()
+                .find(|o| o.host == r.host && o.path == r.path)
+            {
+                return Err(self.error(
+                    raw[i].span(),
+                    format!(
+                        "route[{}]: same host and path as route[{}] ({})",
+                        r.index,
+                        first.index,
+                        r.name()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Same port (not 0, which picks a free one) where one address is the other or a wildcard
+/// that takes the port on every address (on Linux `[::]` takes IPv4's too).
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Parses one `allowed_origins` entry; the error says what to write instead.
+fn origin(s: &str) -> Result<String, String> {
+    let trimmed = s.trim();
+    if trimmed == "*" {
+        return Err("\"*\" is not an origin (omit allowed_origins to allow any origin)".into());
+    }
+    let expected = |why: &str| {
+        format!("expected an origin such as \"https://chat.example.com\" (scheme://host[:port]{why}), got {s:?}")
+    };
+    let Some((scheme, rest)) = trimmed.split_once("://") else {
+        return Err(format!("{} (write \"https://{trimmed}\")", expected("")));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "https" => 443,
+        "http" => 80,
+        _ => return Err(expected(", with scheme http or https")),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '?', '#', '@', ' ']) {
+        return Err(expected(", no path"));
+    }
+    let authority: http::uri::Authority = rest.parse().map_err(|_| expected(""))?;
+    // `Authority` parses the port lazily: "x:port" and "x:99999" parse, with no port.
+    let has_port = authority.as_str().len() > authority.host().len();
+    if authority.host().is_empty() || (has_port && authority.port_u16().is_none()) {
+        return Err(expected(""));
+    }
+    let host = authority.host().to_ascii_lowercase();
+    // Browsers leave the default port out of Origin, so "https://x:443" must compare as "https://x".
+    Ok(match authority.port_u16() {
+        Some(port) if port != default_port => format!("{scheme}://{host}:{port}"),
+        _ => format!("{scheme}://{host}"),
+    })
+}
+
+/// A route whose host no certificate names: clients that check the name will refuse it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UncoveredHost {
+    pub route: usize,
+    pub host: String,
+}
+
+impl std::fmt::Display for UncoveredHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "route[{}] host {:?} is not covered by any certificate (clients will see a name mismatch)",
+            self.route, self.host
+        )
+    }
+}
+
+impl Config {
+    /// Exact route hosts that none of `cert_names` (each certificate's DNS names, lowercase)
+    /// covers, exactly or as a one-label wildcard (RFC 6125 6.4.3). Not an error: a
+    /// certificate may be on its way, or clients may not check names.
+    pub fn uncovered_hosts<'a>(
+        &self,
+        cert_names: impl IntoIterator<Item = &'a String>,
+    ) -> Vec<UncoveredHost> {
+        let names: Vec<&str> = cert_names.into_iter().map(String::as_str).collect();
+        self.routes
+            .iter()
+            .filter_map(|r| match &r.host {
+                HostMatch::Exact(host) => Some((r.index, host)),
+                HostMatch::Any | HostMatch::Wildcard(_) => None,
+            })
+            .filter(|(_, host)| !names.iter().any(|n| covers(n, host)))
+            .map(|(route, host)| UncoveredHost {
+                route,
+                host: host.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Whether a certificate name covers `host`: equal, or `*.suffix` with exactly one label before.
+fn covers(name: &str, host: &str) -> bool {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name == host {
+        return true;
+    }
+    match (name.strip_prefix("*."), host.split_once('.')) {
+        (Some(suffix), Some((label, rest))) => !label.is_empty() && rest == suffix,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_normalised_or_refused_with_a_hint() {
+        let ok = [
+            ("https://Chat.Example.com/", "https://chat.example.com"),
+            ("https://chat.example.com:443", "https://chat.example.com"),
+            ("http://localhost:80", "http://localhost"),
+            ("http://localhost:8080", "http://localhost:8080"),
+            ("HTTPS://[::1]:8443", "https://[::1]:8443"),
+        ];
+        for (given, want) in ok {
+            assert_eq!(origin(given).as_deref(), Ok(want), "{given}");
+        }
+        let refused = [
+            ("*", "omit allowed_origins to allow any origin"),
+            ("example.com", "write \"https://example.com\""),
+            ("ftp://example.com", "scheme http or https"),
+            ("wss://example.com", "scheme http or https"),
+            ("https://example.com/app", "no path"),
+            ("https://user@example.com", "no path"),
+            ("https://", "got \"https://\""),
+            ("https://x:99999", "got \"https://x:99999\""),
+            ("null", "write"),
+        ];
+        for (given, hint) in refused {
+            let e = origin(given).expect_err(given);
+            assert!(e.contains(hint), "{given}: {e}");
+        }
+    }
+
+    #[test]
+    fn listeners_clash_on_one_port_unless_it_is_zero() {
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert!(clash(a("127.0.0.1:8443"), a("127.0.0.1:8443")));
+        assert!(clash(a("0.0.0.0:8443"), a("127.0.0.1:8443")));
+        assert!(clash(a("127.0.0.1:8443"), a("[::]:8443")));
+        assert!(!clash(a("127.0.0.1:8443"), a("127.0.0.2:8443")));
+        assert!(!clash(a("0.0.0.0:8443"), a("0.0.0.0:8080")));
+        assert!(!clash(a("127.0.0.1:0"), a("127.0.0.1:0")));
+    }
+
+    #[test]
+    fn certificate_names_cover_exact_hosts_and_one_label_under_a_wildcard() {
+        assert!(covers("chat.example.com", "chat.example.com"));
+        assert!(covers("Chat.Example.com", "chat.example.com"));
+        assert!(covers("*.example.com", "chat.example.com"));
+        assert!(!covers("*.example.com", "example.com"));
+        assert!(!covers("*.example.com", "a.chat.example.com"));
+        assert!(!covers("example.com", "chat.example.com"));
+    }
+}
