@@ -216,6 +216,11 @@ impl ConnContext {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::new());
+        // Every write to the client reports whether it could proceed (write_stall_timeout).
+        let write_stall = Arc::new(crate::stall::WriteStall::new(
+            self.limits.write_stall_timeout,
+        ));
+        let io = crate::stall::Watched::new(io, write_stall.clone());
         let (io, h2) = match proto {
             Proto::H1 => (Rewind::new(io, Bytes::new()), false),
             // h2 by ALPN: the preface is checked here, so a bad one gets a GOAWAY (hyper's h2
@@ -252,6 +257,7 @@ impl ConnContext {
             tls: accepted.tls,
             slot: self.slot(accepted, h2),
             activity: activity.clone(),
+            write_stall: write_stall.clone(),
         };
         let gateway = self.gateway.clone();
         // HTTP/2 streams run in tasks of their own: carry the connection's span into them.
@@ -265,11 +271,11 @@ impl ConnContext {
         let io = TokioIo::new(io);
         if h2 {
             let served = self.h2.serve_connection(io, service);
-            self.drive(served, |c| c.graceful_shutdown(), &activity)
+            self.drive(served, |c| c.graceful_shutdown(), &activity, &write_stall)
                 .await
         } else {
             let served = self.h1.serve_connection(io, service).with_upgrades();
-            self.drive(served, |c| c.graceful_shutdown(), &activity)
+            self.drive(served, |c| c.graceful_shutdown(), &activity, &write_stall)
                 .await
         }
     }
@@ -295,16 +301,31 @@ impl ConnContext {
         }
     }
 
-    /// Drives a hyper connection until it ends, the connection has been idle for
+    /// Drives a hyper connection until it ends, its client has not read for
+    /// `limits.write_stall_timeout` while data waited (closed at once), it has been idle for
     /// `limits.idle_timeout`, or the drain begins; the last two shut it down gracefully and cut
     /// it when the drain's grace ends.
-    async fn drive<C>(&self, served: C, graceful_shutdown: fn(Pin<&mut C>), activity: &Activity)
-    where
+    async fn drive<C>(
+        &self,
+        served: C,
+        graceful_shutdown: fn(Pin<&mut C>),
+        activity: &Activity,
+        write_stall: &crate::stall::WriteStall,
+    ) where
         C: Future<Output = hyper::Result<()>>,
     {
         tokio::pin!(served);
         let result = tokio::select! {
             r = served.as_mut() => r,
+            _ = write_stall.stalled() => {
+                // Dropping the connection drops its responses, and their backend connections
+                // with them.
+                tracing::warn!(
+                    timeout_ms = self.limits.write_stall_timeout.as_millis() as u64,
+                    "client stopped reading: closed after limits.write_stall_timeout"
+                );
+                Ok(())
+            }
             _ = activity.idle(self.limits.idle_timeout) => {
                 tracing::debug!("idle connection closed");
                 graceful_shutdown(served.as_mut());

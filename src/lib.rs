@@ -34,6 +34,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod router;
+pub mod stall;
 pub mod tls;
 pub mod trust;
 pub mod upstream;

@@ -402,7 +402,8 @@ async fn forwarded_headers_are_set_and_host_is_kept() {
         let echo = client.get("/fwd").await.echo();
         assert_eq!(echo.header("x-forwarded-for"), Some("127.0.0.1"), "{proto}");
 
-        // A chain sent as several field lines is one list (RFC 9110 5.3): none is lost.
+        // Even a chain sent as several field lines is replaced when the client is not a trusted
+        // proxy (tests/trust.rs has the trusted case).
         let req = client
             .request(Method::GET, "/fwd")
             .header("x-forwarded-for", "10.0.0.1")
@@ -410,11 +411,7 @@ async fn forwarded_headers_are_set_and_host_is_kept() {
             .body(empty())
             .expect("valid request");
         let echo = client.fetch(req).await.echo();
-        assert_eq!(
-            echo.header("x-forwarded-for"),
-            Some("10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"),
-            "{proto}"
-        );
+        assert_eq!(echo.header("x-forwarded-for"), Some("127.0.0.1"), "{proto}");
     }
 }
 

@@ -54,8 +54,10 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
         // From the trusted balancer: its client list is kept and it is appended; its
         // X-Forwarded-Proto stands (it ended TLS itself).
         let mut balancer = gw.client_from(ip(2), proto, "a.gw.test").await;
+        // A chain in several field lines is one list (RFC 9110 5.3): none is lost.
         let req = balancer
             .request(Method::GET, "/")
+            .header("x-forwarded-for", "198.51.100.1")
             .header("x-forwarded-for", "203.0.113.9")
             .header("x-forwarded-proto", "http")
             .body(empty())
@@ -63,7 +65,7 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
         let seen = balancer.fetch(req).await.echo();
         assert_eq!(
             seen.header("x-forwarded-for"),
-            Some("203.0.113.9, 127.0.0.2"),
+            Some("198.51.100.1, 203.0.113.9, 127.0.0.2"),
             "{proto}"
         );
         assert_eq!(seen.header("x-forwarded-proto"), Some("http"), "{proto}");
@@ -363,4 +365,82 @@ async fn websocket_message_rate_closes_with_1008() {
     // Other WebSockets are unaffected.
     let mut other = ws::connect(&gw, "/ws").await;
     ws::echo_round_trip(&mut other, Message::text("hello")).await;
+}
+
+/// A backend whose response body never ends; `dropped` fires when the gateway lets go of it
+/// (the backend's side of the exchange released).
+async fn endless_backend() -> (Backend, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    struct Released(tokio::sync::mpsc::UnboundedSender<()>);
+    impl Drop for Released {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::start(move |_req| {
+        let released = Released(tx.clone());
+        async move {
+            let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+            let stream = futures_util::stream::unfold(released, move |r| {
+                let chunk = chunk.clone();
+                async move {
+                    Some((
+                        Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk)),
+                        r,
+                    ))
+                }
+            });
+            use http_body_util::BodyExt;
+            let body = http_body_util::StreamBody::new(stream)
+                .map_err(|never| match never {})
+                .boxed();
+            http::Response::new(body)
+        }
+    })
+    .await;
+    (backend, rx)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_and_the_backend_released() {
+    let (backend, mut released) = endless_backend().await;
+    let gw = GatewayBuilder::new()
+        .toml("[limits]\nwrite_stall_timeout = \"500ms\"")
+        .route(route("/").to(backend.url()))
+        .start()
+        .await;
+    // Reads the head and a little, then nothing more.
+    let config = Arc::new(gw.ca.client_config(&[b"http/1.1"], true));
+    let tcp = TcpStream::connect(gw.https).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("a.gw.test").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    tls.write_all(b"GET /big HTTP/1.1\r\nHost: a.gw.test\r\n\r\n")
+        .await
+        .expect("request");
+    let mut head = [0u8; 1024];
+    let n = tls.read(&mut head).await.expect("read");
+    assert!(
+        head[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&head[..n])
+    );
+    // The gateway fills the socket, stalls, and after the timeout lets go of both sides.
+    within("the backend's response to be released", released.recv())
+        .await
+        .expect("released");
+    // Other clients are served.
+    let mut client = gw.client(Proto::H2, "a.gw.test").await;
+    let response = client
+        .send(
+            client
+                .request(Method::HEAD, "/")
+                .body(empty())
+                .expect("request"),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    drop(tls);
 }

@@ -50,6 +50,9 @@ pub struct ConnInfo {
     pub slot: Arc<crate::conn::ConnSlot>,
     /// Requests and tunnels in flight, for the connection's idle timeout.
     pub activity: Arc<crate::conn::Activity>,
+    /// Whether writes to the client proceed (`limits.write_stall_timeout`); WebSocket tunnels
+    /// watch it after hyper has let go of the connection.
+    pub write_stall: Arc<crate::stall::WriteStall>,
 }
 
 /// The shared state every request sees: the route table and how the plain listener behaves.

@@ -76,6 +76,12 @@ pub async fn bridge(
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, _empty_body) = req.into_parts();
     prepare_headers(&mut parts.headers, facts, conn);
+    if route.config.websocket.max_message_size.is_some() {
+        // The relay counts message sizes on the wire; a compressed message could inflate far
+        // past the limit in the backend. So on a route with a limit, compression is not
+        // offered to the backend, and the limit bounds what the backend receives.
+        strip_deflate(&mut parts.headers);
+    }
     // Upgrade and Connection are hop-by-hop and were just removed: put the pair back.
     parts
         .headers
@@ -189,6 +195,7 @@ pub async fn bridge(
         backend_name: backend,
         conn_id: conn.id,
         drain: drain.clone(),
+        write_stall: conn.write_stall.clone(),
         // Held for the tunnel's life: the route's place, the connection's place under
         // max_connections, its count as busy (not idle), and its count on the backend.
         _guards: (slot, conn.slot.clone(), conn.activity.begin(), open),
@@ -205,6 +212,7 @@ struct Tunnel {
     backend_name: String,
     conn_id: u64,
     drain: Drain,
+    write_stall: Arc<crate::stall::WriteStall>,
     _guards: (
         Option<tokio::sync::OwnedSemaphorePermit>,
         Arc<crate::conn::ConnSlot>,
@@ -236,6 +244,7 @@ impl Tunnel {
             idle_timeout: ws.idle_timeout,
             max_message_size: ws.max_message_size,
             max_messages_per_second: ws.max_messages_per_second,
+            write_stall: Some(self.write_stall.clone()),
         };
         let metrics = &route.metrics;
         metrics.websockets.inc();
@@ -275,6 +284,34 @@ enum HandshakeError {
     Bad(String),
     /// RFC 6455 4.4: a version the gateway does not speak gets 426 naming version 13.
     Version(String),
+}
+
+const SEC_WEBSOCKET_EXTENSIONS: HeaderName = HeaderName::from_static("sec-websocket-extensions");
+
+/// Removes `permessage-deflate` offers (RFC 7692) from the client's extension list, keeping
+/// any other extension.
+fn strip_deflate(headers: &mut HeaderMap) {
+    if !headers.contains_key(SEC_WEBSOCKET_EXTENSIONS) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|offer| {
+            let name = offer.split(';').next().unwrap_or("").trim();
+            !name.eq_ignore_ascii_case("permessage-deflate") && !name.is_empty()
+        })
+        .map(str::to_string)
+        .collect();
+    headers.remove(SEC_WEBSOCKET_EXTENSIONS);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+            headers.insert(SEC_WEBSOCKET_EXTENSIONS, v);
+        }
+    }
 }
 
 /// RFC 6455 4.2.1 (HTTP/1.1) and RFC 8441 4 (HTTP/2).
@@ -340,6 +377,28 @@ mod tests {
             h.append(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn deflate_offers_are_stripped_and_others_kept() {
+        let mut h = headers(&[(
+            "sec-websocket-extensions",
+            "permessage-deflate; client_max_window_bits, x-webkit-deflate-frame",
+        )]);
+        h.append(
+            "sec-websocket-extensions",
+            HeaderValue::from_static("PerMessage-Deflate"),
+        );
+        strip_deflate(&mut h);
+        assert_eq!(
+            h.get_all("sec-websocket-extensions")
+                .iter()
+                .collect::<Vec<_>>(),
+            ["x-webkit-deflate-frame"]
+        );
+        let mut only = headers(&[("sec-websocket-extensions", "permessage-deflate")]);
+        strip_deflate(&mut only);
+        assert!(only.is_empty());
     }
 
     #[test]

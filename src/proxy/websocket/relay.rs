@@ -35,6 +35,9 @@ pub struct RelayConfig {
     pub max_message_size: Option<u64>,
     /// Messages a second the client may send (bursts of twice that).
     pub max_messages_per_second: Option<u32>,
+    /// The client connection's write progress: a client that stops reading while data waits
+    /// for `limits.write_stall_timeout` ends the tunnel.
+    pub write_stall: Option<std::sync::Arc<crate::stall::WriteStall>>,
 }
 
 /// A token bucket for one connection's messages: no map, no lock, a few bytes.
@@ -555,6 +558,20 @@ where
                 continue;
             }
             _ = drain.cut() => break,
+            _ = async {
+                match &config.write_stall {
+                    Some(stall) => stall.stalled().await,
+                    None => std::future::pending().await,
+                }
+            }, if !closing => {
+                // Nothing more can reach the client: the backend gets 1001, then both go.
+                outcome.gateway(frame::CLOSE_GOING_AWAY, "client stopped reading");
+                up.push_close(frame::CLOSE_GOING_AWAY, "client stopped reading");
+                down.discard = true;
+                down.write_done = true;
+                linger(&mut closing, deadline.as_mut());
+                continue;
+            }
         };
 
         // `side` is the source of the direction the event came from.
