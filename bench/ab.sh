@@ -5,7 +5,7 @@
 #
 #   bench/ab.sh BEFORE_BIN AFTER_BIN [scenario...] [--quick ...]
 #
-# Scenarios default to `h1 h2 sse-h1 sse-h2 fleet` (about 6 minutes in all); arguments that
+# Scenarios default to `h1 h2 sse-h1 sse-h2 fleet` (about 3 minutes in all); arguments that
 # start with -- go to the bench. AB_RUNS=N changes the runs per side (3). Needs
 # target/release/streamgate-bench built, and wrk and h2load installed (bench/run.sh does both).
 # Spread = (max - min) / median; change = after median / before median - 1, marked better or
@@ -35,7 +35,7 @@ for i in $(seq "$runs"); do
         [[ $side == after ]] && bin=$after
         echo "ab: run $i of $runs, $side: $bin" >&2
         if ! taskset -c 1 target/release/streamgate-bench scenario "${scen[@]}" \
-            --gateway "$bin" --targets streamgate --results "$out" \
+            --gateway "$bin" --targets streamgate --rounds 1 --results "$out" \
             --tsv "$out/$side-$i.tsv" ${flags[@]+"${flags[@]}"} \
             >"$out/$side-$i.md" 2>"$out/$side-$i.log"; then
             tail -20 "$out/$side-$i.log" >&2

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The streamgate benchmark (issue 6) in one command: installs nginx, HAProxy, wrk and h2load
-# if missing, builds streamgate and the bench in release mode, and runs every scenario against
-# streamgate, nginx, HAProxy and the backend directly. Results: bench/results/<UTC>.md and
+# The streamgate benchmark (issues 6 and 10) in one command: installs nginx, HAProxy, wrk and
+# h2load if missing, builds streamgate and the bench in release mode, and runs every scenario
+# three rounds against streamgate, nginx, HAProxy and the backend directly (interleaved), then
+# prints medians with their spread. Results: bench/results/<UTC>.md and
 # bench/results/latest.md (also printed).
 #
-#   bench/run.sh            the full run (under 10 minutes on 2 cores)
-#   bench/run.sh --quick    shortened scenarios, to try it out (not written to latest.md)
+#   bench/run.sh            the full run (about 10 minutes of bench on 2 cores, plus the build)
+#   bench/run.sh --quick    shortened scenarios, one round, to try it out (not in latest.md)
 #
 # Extra arguments go to `streamgate-bench all`. Needs root for apt-get (or the tools already
 # installed) and two cores: the proxy runs on core 0, load generator and backend on core 1.
@@ -13,6 +14,9 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"
+# The bench puts the time since here (install check and builds included) in its report.
+STREAMGATE_BENCH_T0=$(date +%s)
+export STREAMGATE_BENCH_T0
 
 missing=()
 for pair in nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client taskset:util-linux; do
@@ -40,4 +44,5 @@ cargo build --release --locked -p streamgate-bench
 start=$(date +%s)
 taskset -c 1 target/release/streamgate-bench all --gateway target/release/streamgate \
     --results bench/results "$@"
-echo "bench: finished in $(( $(date +%s) - start )) s" >&2
+end=$(date +%s)
+echo "bench: finished in $((end - start)) s ($((end - STREAMGATE_BENCH_T0)) s with the install check and builds)" >&2

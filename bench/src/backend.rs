@@ -8,6 +8,8 @@
 //! - `/ws`: WebSocket echo; `/ws-bulk?bytes=N&msg=M`: sends N bytes in M-byte messages.
 //! - `/count`: how many `/small` requests this process has answered so far (decimal text),
 //!   for the share each backend of the fleet scenario got.
+//! - `/bulk-stats`: `<open> <sent>`: `/bulk` responses not yet finished nor dropped, and the
+//!   bytes all `/bulk` responses have handed to hyper so far (the stalled-reader scenario).
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -31,6 +33,9 @@ const CHUNK: usize = 256 * 1024;
 
 /// `/small` requests answered (read by `/count`).
 static SMALL_SERVED: AtomicU64 = AtomicU64::new(0);
+/// `/bulk` bodies alive, and bytes they have produced (read by `/bulk-stats`).
+static BULK_OPEN: AtomicU64 = AtomicU64::new(0);
+static BULK_SENT: AtomicU64 = AtomicU64::new(0);
 
 pub fn run(addr: SocketAddr) -> anyhow::Result<()> {
     sys::raise_nofile()?;
@@ -97,10 +102,26 @@ fn handle(mut req: Request<Incoming>, chunk: Bytes) -> Response<BackendBody> {
         }
         "/bulk" => {
             let n = query(&req, "bytes").unwrap_or(1 << 20);
+            BULK_OPEN.fetch_add(1, Ordering::Relaxed);
             Response::builder()
                 .header(header::CONTENT_TYPE, "application/octet-stream")
                 .header(header::CONTENT_LENGTH, n)
-                .body(BackendBody::Bulk { chunk, left: n })
+                .body(BackendBody::Bulk {
+                    chunk,
+                    left: n,
+                    open: true,
+                })
+        }
+        "/bulk-stats" => {
+            let n = Bytes::from(format!(
+                "{} {}",
+                BULK_OPEN.load(Ordering::Relaxed),
+                BULK_SENT.load(Ordering::Relaxed)
+            ));
+            Response::builder()
+                .header(header::CONTENT_TYPE, "text/plain")
+                .header(header::CONTENT_LENGTH, n.len())
+                .body(BackendBody::Full(Some(n)))
         }
         "/events" => {
             let rate = query(&req, "rate").unwrap_or(10).clamp(1, 1000);
@@ -177,11 +198,27 @@ pub enum BackendBody {
     Bulk {
         chunk: Bytes,
         left: u64,
+        /// Counted in BULK_OPEN until the last byte is handed over or the body is dropped.
+        open: bool,
     },
     Sse {
         tick: Box<tokio::time::Interval>,
         left: u64,
     },
+}
+
+fn close_bulk(open: &mut bool) {
+    if std::mem::take(open) {
+        BULK_OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for BackendBody {
+    fn drop(&mut self) {
+        if let BackendBody::Bulk { open, .. } = self {
+            close_bulk(open);
+        }
+    }
 }
 
 impl Body for BackendBody {
@@ -194,12 +231,17 @@ impl Body for BackendBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
             BackendBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            BackendBody::Bulk { chunk, left } => {
+            BackendBody::Bulk { chunk, left, open } => {
                 if *left == 0 {
+                    close_bulk(open);
                     return Poll::Ready(None);
                 }
                 let n = (*left).min(chunk.len() as u64) as usize;
                 *left -= n as u64;
+                BULK_SENT.fetch_add(n as u64, Ordering::Relaxed);
+                if *left == 0 {
+                    close_bulk(open);
+                }
                 Poll::Ready(Some(Ok(Frame::data(chunk.slice(..n)))))
             }
             BackendBody::Sse { tick, left } => {

@@ -54,10 +54,15 @@ struct RunArgs {
     /// The streamgate binary to measure.
     #[arg(long, default_value = "target/release/streamgate")]
     gateway: PathBuf,
-    /// Shortened scenarios (2 s runs, 2k round trips, 100 idle connections, 64 MiB bulk),
-    /// for trying the bench out; its results are not for comparison.
+    /// Shortened scenarios (1 s runs, 2k round trips, 100 idle connections, 20 stalled
+    /// readers) and one round unless --rounds says otherwise, for trying the bench out; its
+    /// results are not for comparison.
     #[arg(long)]
     quick: bool,
+    /// Rounds per scenario (each round runs every target once, in turn); figures are the
+    /// medians over the rounds. Default 3, or 1 with --quick.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: Option<u16>,
     /// Keep the temp dir (configs, certificate, proxy logs) and print its path.
     #[arg(long)]
     keep_temp: bool,
@@ -149,6 +154,7 @@ fn bench(args: RunArgs, only: Vec<String>) -> anyhow::Result<()> {
         direct: args.targets.contains(&Kind::Direct),
         backend_pid: backend.pid(),
         quick: args.quick,
+        rounds: rounds(&args),
         tls: tls::Clients::new(),
         log: RefCell::new(Log::default()),
     };
@@ -184,6 +190,8 @@ fn bench(args: RunArgs, only: Vec<String>) -> anyhow::Result<()> {
     let meta = report::Meta {
         started_utc,
         minutes: t_start.elapsed().as_secs_f64() / 60.0,
+        script_minutes: script_minutes(),
+        rounds: rounds(&args),
         quick: args.quick,
         command: command_line(),
         versions: vec![
@@ -222,7 +230,7 @@ fn bench(args: RunArgs, only: Vec<String>) -> anyhow::Result<()> {
     } else {
         format!("{stamp}-partial")
     };
-    for f in report::write(&args.results, &stamp, args.quick || !only.is_empty(), &text)? {
+    for f in report::write(&args.results, &stamp, args.quick, only.is_empty(), &text)? {
         eprintln!("wrote {}", f.display());
     }
     if let Some(path) = &args.tsv {
@@ -262,6 +270,22 @@ async fn interrupted() -> &'static str {
         _ = tokio::signal::ctrl_c() => "SIGINT",
         _ = term.recv() => "SIGTERM",
     }
+}
+
+fn rounds(args: &RunArgs) -> usize {
+    args.rounds
+        .map(usize::from)
+        .unwrap_or(if args.quick { 1 } else { 3 })
+}
+
+/// Minutes since bench/run.sh started, from the `STREAMGATE_BENCH_T0` (Unix seconds) it sets.
+fn script_minutes() -> Option<f64> {
+    let t0: u64 = std::env::var("STREAMGATE_BENCH_T0").ok()?.parse().ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    Some(now.checked_sub(t0)? as f64 / 60.0)
 }
 
 fn which(tool: &str) -> Option<PathBuf> {

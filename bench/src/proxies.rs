@@ -226,7 +226,8 @@ path = "/"
 
 /// nginx as its documentation advises for WebSocket (HTTP/1.1, the Upgrade/Connection map,
 /// long read timeout), SSE (proxy_buffering off) and upstream keep-alive (HTTP/1.1 with an
-/// empty Connection header); TLS 1.3 only with Mozilla's "modern" session settings.
+/// empty Connection header); TLS 1.3 only, a shared session cache and session tickets on
+/// (nginx's default for tickets), so clients that resume can (scenario 2b).
 fn nginx_config(addr: SocketAddr, s: &Setup, d: &Path, backends: &[SocketAddr]) -> String {
     let mut upstream = String::new();
     if backends.len() > 1 {
@@ -283,7 +284,7 @@ http {{
         ssl_prefer_server_ciphers off;
         ssl_session_cache shared:SSL:10m;
         ssl_session_timeout 1d;
-        ssl_session_tickets off;
+        ssl_session_tickets on;
 
         proxy_set_header Host $host;
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
@@ -327,6 +328,7 @@ http {{
 /// HAProxy as its documentation advises for WebSocket (`mode http`, `timeout tunnel`), h2 on
 /// the bind by ALPN, connection reuse towards the backend, and `option http-no-delay` on the
 /// event-stream backend (low-latency streaming; without it the kernel may hold small chunks).
+/// Session resumption as it comes: its session cache (`tune.ssl.cachesize`) and tickets on.
 fn haproxy_config(addr: SocketAddr, s: &Setup, backends: &[SocketAddr]) -> String {
     let mut servers = String::new();
     if backends.len() > 1 {
@@ -341,7 +343,7 @@ global
     nbthread 1
     maxconn {maxconn}
     ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
-    ssl-default-bind-options prefer-client-ciphers ssl-min-ver TLSv1.3 no-tls-tickets
+    ssl-default-bind-options prefer-client-ciphers ssl-min-ver TLSv1.3
 
 defaults
     mode http

@@ -1,6 +1,6 @@
 //! The one certificate every proxy serves (ECDSA P-256, made at run time) and the client side:
-//! TLS 1.3 only, no resumption (every connection is a full handshake), no verification (the
-//! bench talks to processes it started, on loopback).
+//! TLS 1.3 only, no verification (the bench talks to processes it started, on loopback), no
+//! resumption (every connection is a full handshake) except for the clients of scenario 2b.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -96,6 +96,23 @@ pub fn client_config(alpn: &[&[u8]]) -> Arc<ClientConfig> {
     c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     c.resumption = Resumption::disabled();
     Arc::new(c)
+}
+
+/// A client that resumes: TLS 1.3 only, ALPN as given, its own in-memory session store
+/// (rustls' default: up to 8 TLS 1.3 tickets per server name, each used once). Every
+/// connection made through it offers a ticket from an earlier one when it has one.
+pub fn resuming(alpn: &[&[u8]]) -> TlsConnector {
+    let mut c = (*client_config(alpn)).clone();
+    c.resumption = Resumption::in_memory_sessions(64);
+    TlsConnector::from(Arc::new(c))
+}
+
+/// Whether the connection's TLS handshake resumed a session (false for plain TCP).
+pub fn resumed(s: &Stream) -> bool {
+    match s {
+        Either::Left(t) => t.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        Either::Right(_) => false,
+    }
 }
 
 /// Client TLS configs, made once.

@@ -1,5 +1,6 @@
-//! Scenario 7: bulk transfer through TLS, one connection: a 1 GiB HTTP/1.1 download (hyper
-//! client) and 1 GiB sent by the backend over a WebSocket in 1 MiB binary messages.
+//! Scenario 7: bulk transfer through TLS, one connection: a 100 MB HTTP/1.1 download (hyper
+//! client), as the issue defines the row, and 100 MB sent by the backend over a WebSocket in
+//! 1 MiB binary messages.
 
 use std::time::{Duration, Instant};
 
@@ -16,19 +17,21 @@ use crate::{tls, ws};
 const WS_MSG: usize = 1 << 20;
 const LIMIT: Duration = Duration::from_secs(120);
 
-fn size(env: &Env) -> u64 {
-    env.pick(1 << 30, 64 << 20)
-}
+/// 100 MB (10^8 bytes), --quick or not: about a tenth of a second per transfer.
+const SIZE: u64 = 100_000_000;
 
 pub async fn http(env: &Env) {
-    let n = size(env);
-    let scen = format!("7a. Bulk HTTPS download, {} MiB, HTTP/1.1", n >> 20);
+    let n = SIZE;
+    let scen = format!("7a. Bulk HTTPS download, {} MB, HTTP/1.1", n / 1_000_000);
     run(env, &scen, n, |env, t| Box::pin(download(env, t, n))).await;
 }
 
 pub async fn websocket(env: &Env) {
-    let n = size(env);
-    let scen = format!("7b. Bulk WSS transfer, {} MiB in 1 MiB messages", n >> 20);
+    let n = SIZE;
+    let scen = format!(
+        "7b. Bulk WSS transfer, {} MB in 1 MiB messages",
+        n / 1_000_000
+    );
     run(env, &scen, n, |env, t| Box::pin(ws_receive(env, t, n))).await;
 }
 
@@ -38,9 +41,11 @@ async fn run<F>(env: &Env, scen: &str, n: u64, f: F)
 where
     F: for<'a> Fn(&'a Env, &'a Target) -> Transfer<'a>,
 {
-    let mut rate = Row::new(scen, "throughput (MB/s)", Better::Higher).goal(Goal::AtLeast(1.2));
+    let mut rate = Row::new(scen, "throughput (MB/s)", Better::Higher)
+        .goal(Goal::AtLeast(1.2))
+        .headline();
     let mut cpu = Row::new(scen, "proxy CPU s per GiB", Better::Lower);
-    for t in env.targets() {
+    for t in env.rounds().flat_map(|_| env.targets()) {
         let m = Meter::start(env, &t);
         let t0 = Instant::now();
         let r = tokio::time::timeout(LIMIT, f(env, &t))

@@ -7,10 +7,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use anyhow::Context;
 
-use super::http::{one_request, wrk, CONNS};
+use super::http::{one_request, wrk, CONNS, RUN_SECS};
 use super::{Better, Env, Meter, Row, Target};
 use crate::proxies;
 use crate::sys::ProcGuard;
@@ -25,7 +24,7 @@ pub async fn run(env: &Env) {
 }
 
 async fn run_fleet(env: &Env) -> anyhow::Result<()> {
-    let dur = env.pick(10, 2);
+    let dur = env.pick(RUN_SECS, 1);
     let exe = std::env::current_exe()?;
     let mut backends = Vec::new();
     let mut addrs = Vec::new();
@@ -42,14 +41,15 @@ async fn run_fleet(env: &Env) -> anyhow::Result<()> {
         fleet.push(p);
     }
 
-    let mut rps = Row::new(SCEN, "requests/s", Better::Higher);
+    let mut rps = Row::new(SCEN, "requests/s", Better::Higher).headline();
     let mut p50 = Row::new(SCEN, "latency p50 (ms)", Better::Lower);
     let mut p99 = Row::new(SCEN, "latency p99 (ms)", Better::Lower);
     let mut cpu = Row::new(SCEN, "proxy CPU s per 100k requests", Better::Lower);
     let mut share: Vec<Row> = (1..=BACKENDS)
         .map(|i| Row::new(SCEN, &format!("requests to backend {i} (%)"), Better::Info))
         .collect();
-    for t in fleet.iter().map(Target::of) {
+    let targets: Vec<Target> = fleet.iter().map(Target::of).collect();
+    for t in env.rounds().flat_map(|_| targets.clone()) {
         let name = t.kind.name();
         if let Err(e) = one_request(&t, t.tls(&env.tls.h1)).await {
             env.note(format!("{SCEN}, {name}: does not answer GET /small: {e:#}"));
@@ -122,18 +122,7 @@ async fn counts(addrs: &[SocketAddr]) -> anyhow::Result<Vec<u64>> {
 }
 
 async fn count(addr: SocketAddr) -> anyhow::Result<u64> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /count HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        bail!("{addr}/count: no response head");
-    };
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("{addr}/count: {}", head.lines().next().unwrap_or(""));
-    }
+    let body = super::get_text(addr, "/count").await?;
     body.trim()
         .parse()
         .with_context(|| format!("{addr}/count: {body:?}"))

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -13,6 +14,8 @@ use crate::proxies::{Kind, CLIENT_CORE};
 use crate::{sys, tls};
 
 pub(super) const CONNS: usize = 64;
+/// Length of one load run (wrk, h2load, the connection loops), without --quick.
+pub(super) const RUN_SECS: u64 = 4;
 
 pub(super) struct LoadResult {
     pub requests: f64,
@@ -28,16 +31,14 @@ pub async fn keepalive(env: &Env, h2: bool) {
     } else {
         "1a. HTTPS small GET, HTTP/1.1"
     };
-    let dur = env.pick(10, 2);
-    let mut rps = Row::new(scen, "requests/s", Better::Higher).goal(Goal::AtLeast(if h2 {
-        1.0
-    } else {
-        1.2
-    }));
+    let dur = env.pick(RUN_SECS, 1);
+    let mut rps = Row::new(scen, "requests/s", Better::Higher)
+        .goal(Goal::AtLeast(if h2 { 1.0 } else { 1.2 }))
+        .headline();
     let mut p50 = Row::new(scen, "latency p50 (ms)", Better::Lower);
     let mut p99 = Row::new(scen, "latency p99 (ms)", Better::Lower);
     let mut cpu = Row::new(scen, "proxy CPU s per 100k requests", Better::Lower);
-    for t in env.targets() {
+    for t in env.rounds().flat_map(|_| env.targets()) {
         let m = Meter::start(env, &t);
         let r = if h2 {
             h2load(env, &t, dur).await
@@ -193,31 +194,68 @@ fn read_h2load_log(path: &Path) -> anyhow::Result<Latencies> {
     Ok(Latencies::new(v))
 }
 
-pub async fn new_connections(env: &Env) {
-    let scen = "2. New TLS connections (1 request each)";
-    let dur = Duration::from_secs(env.pick(10, 2));
-    let mut rate = Row::new(scen, "connections/s", Better::Higher).goal(Goal::AtLeast(1.0));
+/// Scenario 2a (`resume` false): a full TLS 1.3 handshake per connection. Scenario 2b
+/// (`resume` true): each client keeps its own session store (its own rustls ClientConfig with
+/// the default in-memory cache), makes one unmeasured connection to get a ticket, then resumes
+/// on every connection the server lets it; the share that did is reported. No direct row for
+/// 2b: plain TCP has nothing to resume (2a's direct row is the client's ceiling).
+pub async fn new_connections(env: &Env, resume: bool) {
+    let scen = if resume {
+        "2b. TLS handshakes with session resumption (1 request each)"
+    } else {
+        "2a. New TLS connections (1 request each)"
+    };
+    let dur = Duration::from_secs(env.pick(RUN_SECS, 1));
+    let mut rate = Row::new(scen, "connections/s", Better::Higher).headline();
+    if !resume {
+        rate = rate.goal(Goal::AtLeast(1.0));
+    }
+    let mut resumed = Row::new(scen, "handshakes resumed (%)", Better::Higher);
     let mut p50 = Row::new(scen, "connect+request p50 (ms)", Better::Lower);
     let mut p99 = Row::new(scen, "connect+request p99 (ms)", Better::Lower);
     let mut cpu = Row::new(scen, "proxy CPU s per 100k connections", Better::Lower);
-    for t in env.targets() {
-        let m = Meter::start(env, &t);
-        let deadline = Instant::now() + dur;
+    let targets = || {
+        let mut v = env.targets();
+        if resume {
+            v.retain(|t| !t.is_direct());
+        }
+        v
+    };
+    for t in env.rounds().flat_map(|_| targets()) {
+        let go = Arc::new(tokio::sync::Barrier::new(CONNS + 1));
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..CONNS {
-            let t = t.clone();
-            let tls = env.tls.h1.clone();
+            let (t, go) = (t.clone(), go.clone());
+            let tls = if resume {
+                tls::resuming(&[b"http/1.1"])
+            } else {
+                env.tls.h1.clone()
+            };
             set.spawn(async move {
                 let mut ok = Vec::new();
+                let mut resumed = 0u64;
                 let mut errors = 0u64;
                 let mut last_error = None;
+                if resume {
+                    // The first handshake is a full one; it leaves a ticket in this client's
+                    // store (if the server issues one).
+                    if let Err(e) = one_request(&t, t.tls(&tls)).await {
+                        errors += 1;
+                        last_error = Some(format!("first connection: {e:#}"));
+                    }
+                }
+                go.wait().await;
+                let deadline = Instant::now() + dur;
                 while Instant::now() < deadline {
                     let t1 = Instant::now();
                     let one =
                         tokio::time::timeout(Duration::from_secs(10), one_request(&t, t.tls(&tls)))
                             .await;
                     match one {
-                        Ok(Ok(())) => ok.push(t1.elapsed().as_micros() as u64),
+                        Ok(Ok(r)) => {
+                            ok.push(t1.elapsed().as_micros() as u64);
+                            resumed += u64::from(r);
+                        }
                         Ok(Err(e)) => {
                             errors += 1;
                             last_error = Some(format!("{e:#}"));
@@ -231,15 +269,19 @@ pub async fn new_connections(env: &Env) {
                         break;
                     }
                 }
-                (ok, errors, last_error)
+                (ok, resumed, errors, last_error)
             });
         }
+        go.wait().await;
+        let m = Meter::start(env, &t);
         let mut samples = Vec::new();
+        let mut n_resumed = 0;
         let mut errors = 0;
         let mut last_error = None;
         while let Some(r) = set.join_next().await {
-            if let Ok((ok, e, le)) = r {
+            if let Ok((ok, r, e, le)) = r {
                 samples.extend(ok);
+                n_resumed += r;
                 errors += e;
                 last_error = le.or(last_error);
             }
@@ -249,6 +291,9 @@ pub async fn new_connections(env: &Env) {
         let n = samples.len() as f64;
         let lat = Latencies::new(samples);
         rate.set(t.kind, Some(n / u.wall));
+        if resume && n > 0.0 {
+            resumed.set(t.kind, Some(n_resumed as f64 / n * 100.0));
+        }
         p50.set(t.kind, lat.q(0.5).map(|us| us / 1000.0));
         p99.set(t.kind, lat.q(0.99).map(|us| us / 1000.0));
         if t.kind != Kind::Direct && n > 0.0 {
@@ -262,21 +307,38 @@ pub async fn new_connections(env: &Env) {
             ));
         }
     }
-    env.note(format!(
-        "{scen}: {CONNS} concurrent clients, full TLS 1.3 handshake each time (no resumption), \
-         `Connection: close`, close_notify sent after the response; direct is plain TCP"
-    ));
-    for r in [rate, p50, p99, cpu] {
-        env.row(r);
+    if resume {
+        env.note(format!(
+            "{scen}: {CONNS} concurrent clients, each with its own session store (rustls \
+             in-memory cache, TLS 1.3 tickets, single use); one unmeasured full handshake per \
+             client first, then as 2a; resumed = rustls reports `HandshakeKind::Resumed`. \
+             nginx `ssl_session_tickets on` with `ssl_session_cache shared:SSL:10m`, HAProxy \
+             its defaults (tickets on, session cache), streamgate whatever it does. No direct \
+             row (plain TCP: see 2a)"
+        ));
+        for r in [rate, resumed, p50, p99, cpu] {
+            env.row(r);
+        }
+    } else {
+        env.note(format!(
+            "{scen}: {CONNS} concurrent clients, full TLS 1.3 handshake each time (no \
+             resumption), `Connection: close`, close_notify sent after the response; direct \
+             is plain TCP"
+        ));
+        for r in [rate, p50, p99, cpu] {
+            env.row(r);
+        }
     }
 }
 
-/// Connect, `GET /small` with `Connection: close`, read the whole response, close.
+/// Connect, `GET /small` with `Connection: close`, read the whole response, close. Returns
+/// whether the TLS handshake was a resumption.
 pub async fn one_request(
     t: &Target,
     tls: Option<&tokio_rustls::TlsConnector>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let mut s = tls::connect(t.addr, tls, None).await?;
+    let resumed = tls::resumed(&s);
     s.write_all(b"GET /small HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await?;
     let body = read_response(&mut s).await?;
@@ -284,7 +346,7 @@ pub async fn one_request(
         bail!("expected a 100-byte body, got {body}");
     }
     let _ = s.shutdown().await;
-    Ok(())
+    Ok(resumed)
 }
 
 /// Reads one HTTP/1.1 response with a Content-Length; returns the body length. Fails on a

@@ -6,6 +6,7 @@ pub mod fleet;
 pub mod http;
 pub mod idle;
 pub mod sse;
+pub mod stalled;
 pub mod wsock;
 
 use std::cell::RefCell;
@@ -28,6 +29,8 @@ pub struct Env {
     pub direct: bool,
     pub backend_pid: u32,
     pub quick: bool,
+    /// Rounds per scenario: each round runs every target once, in order (--rounds).
+    pub rounds: usize,
     pub tls: Clients,
     pub log: RefCell<Log>,
 }
@@ -111,6 +114,15 @@ impl Env {
         } else {
             full
         }
+    }
+
+    /// The rounds of a scenario, 1-based, announced on stderr.
+    pub fn rounds(&self) -> impl Iterator<Item = usize> + '_ {
+        (1..=self.rounds).inspect(|r| {
+            if self.rounds > 1 {
+                eprintln!("  round {r} of {}", self.rounds);
+            }
+        })
     }
 
     pub fn row(&self, row: Row) {
@@ -224,24 +236,29 @@ pub enum Better {
     Info,
 }
 
-/// The target for a row, relative to the better of nginx and HAProxy.
+/// The target for a row, relative to the better of nginx and HAProxy, or absolute.
 #[derive(Clone, Copy, Debug)]
 pub enum Goal {
     /// streamgate >= k x the higher of the two.
     AtLeast(f64),
     /// streamgate <= k x the lower of the two.
     AtMost(f64),
+    /// streamgate <= this value, whatever the others do.
+    Below(f64),
 }
 
 /// One line of the results table: a metric for each target (streamgate, nginx, HAProxy,
-/// direct; None where it does not apply or the run failed).
+/// direct), one sample per round (none where it does not apply or the run failed).
 #[derive(Clone, Debug)]
 pub struct Row {
     pub scenario: String,
     pub metric: String,
     pub better: Better,
-    pub values: [Option<f64>; 4],
+    pub samples: [Vec<f64>; 4],
     pub goal: Option<Goal>,
+    /// The scenario's headline figure: checked for "every target lands on the same figure"
+    /// (the load generator is the limit).
+    pub headline: bool,
 }
 
 impl Row {
@@ -250,8 +267,9 @@ impl Row {
             scenario: scenario.to_string(),
             metric: metric.to_string(),
             better,
-            values: [None; 4],
+            samples: Default::default(),
             goal: None,
+            headline: false,
         }
     }
 
@@ -260,8 +278,62 @@ impl Row {
         self
     }
 
+    /// Marks the scenario's headline figure (see `headline`).
+    pub fn headline(mut self) -> Row {
+        self.headline = true;
+        self
+    }
+
+    /// Adds this round's figure for `k` (nothing for None).
     pub fn set(&mut self, k: Kind, v: Option<f64>) {
-        self.values[k.index()] = v;
+        if let Some(v) = v.filter(|v| v.is_finite()) {
+            self.samples[k.index()].push(v);
+        }
+    }
+
+    /// The median of `k`'s rounds.
+    pub fn median(&self, k: Kind) -> Option<f64> {
+        Stats::of(&self.samples[k.index()]).map(|s| s.median)
+    }
+
+    pub fn stats(&self, k: Kind) -> Option<Stats> {
+        Stats::of(&self.samples[k.index()])
+    }
+}
+
+/// Median and range of one target's rounds.
+#[derive(Clone, Copy, Debug)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Stats {
+    pub fn of(v: &[f64]) -> Option<Stats> {
+        if v.is_empty() {
+            return None;
+        }
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        let median = if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            (s[n / 2 - 1] + s[n / 2]) / 2.0
+        };
+        Some(Stats {
+            median,
+            min: s[0],
+            max: s[n - 1],
+            n,
+        })
+    }
+
+    /// (max - min) / |median|, None for one sample or a zero median.
+    pub fn spread(&self) -> Option<f64> {
+        (self.n > 1 && self.median != 0.0).then(|| (self.max - self.min) / self.median.abs())
     }
 }
 
@@ -288,20 +360,44 @@ impl Latencies {
     }
 }
 
+/// `GET path` from a backend process over plain HTTP/1.1 (its `/count` or `/bulk-stats`);
+/// the body as text.
+pub async fn get_text(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use anyhow::bail;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("{addr}{path}: no response head");
+    };
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{addr}{path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_string())
+}
+
 /// Time a target run may take beyond its planned length before it is abandoned.
 pub const SLACK: Duration = Duration::from_secs(30);
 
 /// The scenarios in the order they run, by the names `--only` takes.
-pub const NAMES: [&str; 11] = [
+pub const NAMES: [&str; 13] = [
     "h1",
     "h2",
     "fleet",
     "newconn",
+    "resume",
     "ws-echo",
     "ws-tput",
     "sse-h1",
     "sse-h2",
     "idle",
+    "stalled",
     "bulk-http",
     "bulk-ws",
 ];
@@ -317,12 +413,14 @@ pub async fn run(env: &Env, only: &[String]) -> anyhow::Result<()> {
             "h1" => http::keepalive(env, false).await,
             "h2" => http::keepalive(env, true).await,
             "fleet" => fleet::run(env).await,
-            "newconn" => http::new_connections(env).await,
+            "newconn" => http::new_connections(env, false).await,
+            "resume" => http::new_connections(env, true).await,
             "ws-echo" => wsock::echo_latency(env).await,
             "ws-tput" => wsock::throughput(env).await,
             "sse-h1" => sse::run(env, false).await,
             "sse-h2" => sse::run(env, true).await,
             "idle" => idle::run(env).await?,
+            "stalled" => stalled::run(env).await,
             "bulk-http" => bulk::http(env).await,
             "bulk-ws" => bulk::websocket(env).await,
             _ => unreachable!("NAMES lists every scenario"),

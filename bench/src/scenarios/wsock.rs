@@ -25,47 +25,61 @@ pub fn ws_url(t: &Target, path: &str) -> String {
 
 pub async fn echo_latency(env: &Env) {
     let scen = "3. WSS echo latency, 1 connection, 64 B";
-    let n = env.pick(20_000, 2_000);
-    let warm = env.pick(1_000, 200);
+    let n = env.pick(10_000, 2_000);
+    let warm = env.pick(500, 200);
     let q = [0.5, 0.99, 0.999];
-    let mut abs: Vec<Row> = ["p50", "p99", "p99.9"]
+    let names = ["p50", "p99", "p99.9"];
+    let mut abs: Vec<Row> = names
         .iter()
         .map(|p| Row::new(scen, &format!("round trip {p} (µs)"), Better::Lower))
         .collect();
-    let mut all = [None, None, None, None];
-    for t in env.targets() {
-        let m = Meter::start(env, &t);
-        let r = tokio::time::timeout(Duration::from_secs(60) + SLACK, echo_run(env, &t, warm, n))
-            .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
-        let u = m.finish();
-        env.cpu(scen, t.kind, &u);
-        match r {
-            Ok(lat) => {
-                let v: Vec<Option<f64>> = q.iter().map(|&q| lat.q(q).map(|ns| ns / 1e3)).collect();
-                for (row, x) in abs.iter_mut().zip(&v) {
-                    row.set(t.kind, *x);
-                }
-                all[t.kind.index()] = Some(v);
+    let mut added: Vec<Row> = names
+        .iter()
+        .map(|p| {
+            let row = Row::new(scen, &format!("added over direct {p} (µs)"), Better::Lower);
+            if *p == "p99" {
+                row.goal(Goal::AtMost(0.8))
+            } else {
+                row
             }
-            Err(e) => env.note(format!("{scen}, {}: failed: {e:#}", t.kind.name())),
+        })
+        .collect();
+    for _ in env.rounds() {
+        // This round's percentiles per target; "added" pairs each proxy with this round's
+        // direct run.
+        let mut all = [None, None, None, None];
+        for t in env.targets() {
+            let m = Meter::start(env, &t);
+            let r =
+                tokio::time::timeout(Duration::from_secs(60) + SLACK, echo_run(env, &t, warm, n))
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
+            let u = m.finish();
+            env.cpu(scen, t.kind, &u);
+            match r {
+                Ok(lat) => {
+                    let v: Vec<Option<f64>> =
+                        q.iter().map(|&q| lat.q(q).map(|ns| ns / 1e3)).collect();
+                    for (row, x) in abs.iter_mut().zip(&v) {
+                        row.set(t.kind, *x);
+                    }
+                    all[t.kind.index()] = Some(v);
+                }
+                Err(e) => env.note(format!("{scen}, {}: failed: {e:#}", t.kind.name())),
+            }
+        }
+        let direct = all[Kind::Direct.index()].clone();
+        for (i, row) in added.iter_mut().enumerate() {
+            for k in Kind::PROXIES {
+                let v = all[k.index()].as_ref().zip(direct.as_ref());
+                row.set(k, v.and_then(|(a, d)| Some(a[i]? - d[i]?)));
+            }
         }
     }
-    let direct = all[Kind::Direct.index()].clone();
-    for (i, p) in ["p50", "p99", "p99.9"].iter().enumerate() {
-        let mut row = Row::new(scen, &format!("added over direct {p} (µs)"), Better::Lower);
-        if *p == "p99" {
-            row = row.goal(Goal::AtMost(0.8));
-        }
-        for k in Kind::PROXIES {
-            let v = all[k.index()].as_ref().zip(direct.as_ref());
-            row.set(k, v.and_then(|(a, d)| Some(a[i]? - d[i]?)));
-        }
-        abs.push(row);
-    }
+    abs.extend(added);
     env.note(format!(
         "{scen}: {n} round trips after {warm} unmeasured; direct is ws:// to the backend; \
-         added = target - direct at the same percentile"
+         added = target - direct at the same percentile, in the same round"
     ));
     for r in abs {
         env.row(r);
@@ -105,12 +119,14 @@ const BATCH: u32 = 16;
 
 pub async fn throughput(env: &Env) {
     let scen = "4. WSS echo throughput, 16 connections, 1 KiB";
-    let warm = Duration::from_secs(env.pick(1, 1));
-    let dur = Duration::from_secs(env.pick(10, 2));
-    let mut rate = Row::new(scen, "messages/s (echoed)", Better::Higher).goal(Goal::AtLeast(1.0));
+    let warm = Duration::from_millis(500);
+    let dur = Duration::from_secs(env.pick(super::http::RUN_SECS, 1));
+    let mut rate = Row::new(scen, "messages/s (echoed)", Better::Higher)
+        .goal(Goal::AtLeast(1.0))
+        .headline();
     let mut cpu = Row::new(scen, "proxy CPU s per 100k messages", Better::Lower);
     let mut busy = Row::new(scen, "proxy core busy (%)", Better::Info);
-    for t in env.targets() {
+    for t in env.rounds().flat_map(|_| env.targets()) {
         let r = tokio::time::timeout(warm + dur + SLACK, tput_run(env, &t, warm, dur))
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
@@ -129,8 +145,8 @@ pub async fn throughput(env: &Env) {
     env.note(format!(
         "{scen}: each connection has a writer and a reader half, {WINDOW} messages in flight, \
          written {BATCH} per write; counted over {} s after {} s warm-up",
-        dur.as_secs(),
-        warm.as_secs()
+        dur.as_secs_f64(),
+        warm.as_secs_f64()
     ));
     for r in [rate, cpu, busy] {
         env.row(r);
