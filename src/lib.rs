@@ -3,18 +3,24 @@
 //! # Layout
 //! - [`config`]: the TOML file, parsed and validated into [`config::Config`].
 //! - [`tls`]: certificates, SNI selection, the rustls server config.
-//! - [`listener`]: accept loops and the connection cap; [`conn`]: one client connection.
+//! - [`listener`]: accept loops and the connection cap; [`conn`]: one client connection
+//!   (PROXY protocol via [`proxy_protocol`], per-address limits via [`limiter`], writes
+//!   watched by [`stall`]).
+//! - [`trust`]: who the client is (trusted proxies, X-Forwarded-*).
 //! - [`router`]: the route table.
 //! - [`upstream`]: each route's backends: balancing policies, the keep-alive pool (driven by
 //!   the request's own task), active health checks, passive ejection and DNS discovery.
-//! - [`proxy`]: the request path (forwarding, headers, errors, access log).
+//! - [`proxy`]: the request path (the facts of a request in `proxy::request`, forwarding,
+//!   headers, errors, access log).
 //! - [`drain`]: shutdown; [`reload`]: live reload (keeps what did not change); [`admin`] and
 //!   [`metrics`]: health, Prometheus metrics, `/backends` and the dashboard; [`demo`]: the
 //!   built-in demo.
 //!
 //! # Request flow
-//! accept ([`listener`]) -> TLS handshake under a deadline ([`conn`]) -> hyper h1/h2 by ALPN
-//! -> [`proxy::Gateway::handle`] -> [`router::Router::find`] -> [`proxy::forward`] ->
+//! accept ([`listener`]) -> PROXY header and per-address limit, TLS handshake under a
+//! deadline ([`conn`]) -> hyper h1 or h2 as ALPN chose -> [`proxy::Gateway::handle`] (client
+//! address, host and target checks) -> [`router::Router::find`] -> rate limit ->
+//! [`proxy::forward`] ->
 //! [`upstream::Upstream::pick`] (policy, health) -> [`upstream::pool`] connection, polled by
 //! this request's task -> the backend's response, streamed back frame by frame; a try that
 //! could not have had any effect goes to another backend.
