@@ -38,8 +38,8 @@ done
 # descriptors per idle WebSocket).
 ulimit -n "$(ulimit -Hn)"
 
-cargo build --release --locked -p streamgate
-cargo build --release --locked -p streamgate-bench
+# One invocation: the two share most dependencies, built once.
+cargo build --release --locked -p streamgate -p streamgate-bench
 
 start=$(date +%s)
 taskset -c 1 target/release/streamgate-bench all --gateway target/release/streamgate \
