@@ -72,9 +72,9 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the addresses in `[listen]`.
     pub async fn bind(listen: &config::Listen) -> Result<Listeners, BindError> {
-        let https = bind(listen.https).await?;
+        let https = bind(listen.https, listen.backlog)?;
         let http = match listen.http {
-            Some(addr) => Some(bind(addr).await?),
+            Some(addr) => Some(bind(addr, listen.backlog)?),
             None => None,
         };
         Ok(Listeners { https, http })
@@ -93,9 +93,18 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
-    TcpListener::bind(addr)
-        .await
+/// Binds with `SO_REUSEADDR` (a restart finds the port in TIME_WAIT) and `[listen] backlog`.
+fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, BindError> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    };
+    socket
+        .and_then(|s| {
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            s.listen(backlog)
+        })
         .map_err(|source| BindError { addr, source })
 }
 
@@ -123,7 +132,10 @@ impl Server {
     ) -> Result<Server, TlsError> {
         let store = Arc::new(CertStore::new(certs)?);
         let tls = tls::server_config(store.clone())?;
-        let https_port = listeners.https.local_addr().map_or(443, |a| a.port());
+        let https_port = config
+            .listen
+            .public_https_port
+            .unwrap_or_else(|| listeners.https.local_addr().map_or(443, |a| a.port()));
         let metrics = Arc::new(Metrics::new());
         let drain = Drain::new();
         let fleet = upstream::UpstreamContext {

@@ -11,12 +11,22 @@ use streamgate::{tls, Listeners};
 
 /// mimalloc rather than the C library's allocator: the request path allocates small, short-
 /// lived buffers on every request, and musl's allocator (the static image's) is slow at that.
+/// `streamgate --version`: the crate version, the git commit and the build date (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("STREAMGATE_COMMIT"),
+    ", built ",
+    env!("STREAMGATE_BUILD_DATE"),
+    ")"
+);
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A TLS gateway for WebSocket, Server-Sent Events and HTTP services.
 #[derive(Parser)]
-#[command(name = "streamgate", version, about)]
+#[command(name = "streamgate", version = VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -129,7 +139,14 @@ fn check(path: &Path) -> anyhow::Result<()> {
     println!("{}: ok", config.path.display());
     println!("listen https {}", config.listen.https);
     if let Some(http) = config.listen.http {
-        println!("listen http  {http} ({:?})", config.listen.http_mode);
+        let mode = match config.listen.http_mode {
+            streamgate::config::HttpMode::Redirect => "redirects to https",
+            streamgate::config::HttpMode::Proxy => "proxies like https",
+        };
+        println!("listen http  {http} ({mode})");
+    }
+    if let Some(admin) = config.listen.admin {
+        println!("listen admin {admin} (/healthz /readyz /metrics /backends, dashboard at /)");
     }
     for c in &certs {
         let expired = if c.expired { "  EXPIRED" } else { "" };

@@ -332,7 +332,11 @@ fn shipped_example_config_passes_check() {
         cmd.args(["check", "--config", "config/all.toml"]);
     });
     let table = assert_valid(&out);
-    assert!(table.contains("listen http  0.0.0.0:8080"), "{table}");
+    assert!(
+        table.contains("listen http  0.0.0.0:8080 (redirects to https)"),
+        "plain words, not Rust names: {table}"
+    );
+    assert!(table.contains("listen admin 127.0.0.1:9901"), "{table}");
 }
 
 /// Every key the config structs accept (`pub name:` in src/config/raw.rs) appears in the
@@ -608,5 +612,49 @@ fn check_warns_of_a_route_host_no_certificate_covers() {
         err.trim_end(),
         r#"warning: route[2] host "b.test" is not covered by any certificate (clients will see a name mismatch)"#,
         "only b.test is uncovered"
+    );
+}
+
+#[test]
+fn version_names_the_commit_and_the_build_date() {
+    let dir = Dir::new();
+    let out = dir.run(|cmd| {
+        cmd.arg("--version");
+    });
+    let text = assert_valid(&out);
+    let line = text.trim();
+    let rest = line
+        .strip_prefix(concat!(
+            "streamgate ",
+            env!("CARGO_PKG_VERSION"),
+            " (commit "
+        ))
+        .unwrap_or_else(|| panic!("{line}"));
+    let (commit, date) = rest
+        .strip_suffix(')')
+        .and_then(|r| r.split_once(", built "))
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{line}"
+    );
+    let parts: Vec<&str> = date.split('-').collect();
+    assert!(
+        parts.len() == 3 && parts[0].len() == 4 && parts[1].len() == 2 && parts[2].len() == 2,
+        "YYYY-MM-DD: {line}"
+    );
+}
+
+#[test]
+fn check_refuses_a_backlog_of_zero() {
+    let dir = Dir::new();
+    dir.cert("a", "a.test");
+    let out = dir.check(&format!(
+        "[listen]\nhttps = \"127.0.0.1:8443\"\nbacklog = 0\n\n[[cert]]\ncert = \"certs/a.pem\"\nkey = \"certs/a.key\"\n{ROUTE}"
+    ));
+    assert_refused(
+        &out,
+        "streamgate.toml:3:11: listen.backlog: expected a whole number from 1 to 65535, got 0",
     );
 }

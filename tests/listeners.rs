@@ -46,6 +46,34 @@ async fn plain_listener_redirects_to_the_tls_port() {
 }
 
 #[tokio::test]
+async fn redirect_names_the_public_https_port_behind_a_port_mapping() {
+    let backend = Backend::echo("b").await;
+    for (public, shown) in [("443", ""), ("8443", ":8443")] {
+        let gw = GatewayBuilder::new()
+            .plain_listener("redirect")
+            .toml(&format!("public_https_port = {public}"))
+            .route(route("/").to(backend.url()))
+            .start()
+            .await;
+        assert_ne!(
+            gw.https.port().to_string(),
+            public,
+            "the listener's own port differs"
+        );
+        for proto in Proto::ALL {
+            let mut client = gw.plain_client(proto, "a.gw.test").await;
+            let res = client.get("/p?q").await;
+            assert_eq!(res.status, StatusCode::PERMANENT_REDIRECT, "{proto}");
+            assert_eq!(
+                res.headers["location"],
+                format!("https://a.gw.test{shown}/p?q").as_str(),
+                "{proto}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn plain_listener_in_proxy_mode_forwards_with_proto_http() {
     let backend = Backend::echo("b").await;
     let gw = GatewayBuilder::new()

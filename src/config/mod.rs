@@ -63,6 +63,11 @@ pub struct Listen {
     /// Connections must start with a PROXY protocol header (v1 or v2), and come from
     /// `trusted_proxies`; others are closed.
     pub proxy_protocol: bool,
+    /// The HTTPS port clients use, for redirects from the plain listener (behind a port
+    /// mapping or a Service it differs from the listener's own). None: the listener's port.
+    pub public_https_port: Option<u16>,
+    /// Connections the kernel queues for each listener before they are accepted.
+    pub backlog: u32,
 }
 
 /// What the plain-HTTP listener does with a request.
@@ -483,6 +488,14 @@ impl Located<'_> {
                 .proxy_protocol
                 .as_ref()
                 .is_some_and(|p| *p.get_ref()),
+            public_https_port: raw
+                .listen
+                .public_https_port
+                .as_ref()
+                .map(|p| self.int("listen.public_https_port", p, 1..=65535))
+                .transpose()?
+                .map(|p| p as u16),
+            backlog: self.int_or("listen.backlog", &raw.listen.backlog, 1..=65535, 1024)? as u32,
         };
         self.listen_clashes(&raw.listen, &listen)?;
         if let (true, Some(p)) = (

@@ -32,6 +32,8 @@ pub struct RawListen {
     pub http_mode: Option<Text>,
     pub admin: Option<Text>,
     pub trusted_proxies: Option<Vec<Text>>,
+    pub public_https_port: Option<Spanned<i64>>,
+    pub backlog: Option<Spanned<i64>>,
     #[serde(default)]
     pub proxy_protocol: Option<Spanned<bool>>,
 }
