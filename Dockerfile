@@ -38,7 +38,7 @@ COPY build.rs ./
 COPY src ./src
 # COPY keeps the files' old modification times; touch them so cargo rebuilds over the stub.
 # Symbols are stripped here rather than in Cargo.toml, so local release builds keep them.
-RUN touch build.rs src/main.rs src/lib.rs \
+RUN touch src/main.rs src/lib.rs build.rs \
     && CARGO_PROFILE_RELEASE_STRIP=symbols \
        cargo build --release --locked --target x86_64-unknown-linux-musl
 
