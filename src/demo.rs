@@ -91,13 +91,7 @@ backends = ["http://{backend_addr}"]
 async fn serve_backend(listener: TcpListener) {
     let mut errors = crate::listener::AcceptErrors::new("demo backend");
     loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                errors.pause(&e).await;
-                continue;
-            }
-        };
+        let (tcp, _) = errors.accept(&listener).await;
         tokio::spawn(async move {
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(tcp), service_fn(backend))

@@ -100,6 +100,17 @@ impl AcceptErrors {
 
     /// Logs `e` (a warning at most once a second) and waits [`ACCEPT_PAUSE`] unless it concerns
     /// one connection only, which the next `accept` will not see again.
+    /// The next connection on `listener`, backing off on errors as [`AcceptErrors::pause`]
+    /// does (the accept loops that have nothing else to wait on: admin, demo).
+    pub async fn accept(&mut self, listener: &TcpListener) -> (TcpStream, std::net::SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok(accepted) => return accepted,
+                Err(e) => self.pause(&e).await,
+            }
+        }
+    }
+
     pub async fn pause(&mut self, e: &io::Error) {
         if let Some(pause) = self.record(e, Instant::now()) {
             tokio::time::sleep(pause).await;

@@ -7,9 +7,8 @@ use std::net::IpAddr;
 use http::header::{HeaderMap, HeaderName};
 use ipnet::IpNet;
 
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+use crate::proxy::headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+
 pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 

@@ -47,14 +47,8 @@ impl Readiness {
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, ready: Arc<Readiness>) {
     let mut errors = crate::listener::AcceptErrors::new("admin");
     loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            // Out of file descriptors and the like: back off instead of spinning.
-            Err(e) => {
-                errors.pause(&e).await;
-                continue;
-            }
-        };
+        // Out of file descriptors and the like: backs off instead of spinning.
+        let (tcp, _) = errors.accept(&listener).await;
         let (gateway, ready) = (gateway.clone(), ready.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {

@@ -353,14 +353,14 @@ pub(super) fn prepare_headers(headers: &mut HeaderMap, facts: &RequestFacts, con
         conn.client
     };
     let proto_from_proxy = if conn.forwarded_trusted {
-        headers.get(crate::trust::X_FORWARDED_PROTO).cloned()
+        headers.get(super::headers::X_FORWARDED_PROTO).cloned()
     } else {
         None
     };
     add_forwarded(headers, hop, conn.tls, facts.host_header.as_ref());
     if let Some(proto) = proto_from_proxy {
         // A TLS-ending balancer in front: the client spoke https even if the hop to us is plain.
-        headers.insert(crate::trust::X_FORWARDED_PROTO, proto);
+        headers.insert(super::headers::X_FORWARDED_PROTO, proto);
     }
     match &facts.host_header {
         Some(host) => {
