@@ -257,7 +257,7 @@ impl Server {
             open = self.drain.active(),
             "shutting down: no new connections, finishing in-flight requests and streams"
         );
-        self.drain.shutdown(settings.grace).await;
+        self.drain.shutdown(settings.grace, settings.spread).await;
         while loops.join_next().await.is_some() {}
         if let Some(admin) = admin {
             admin.abort();

@@ -44,6 +44,44 @@ impl Bucket {
     }
 }
 
+/// One token bucket for a whole route: `max_new_streams_per_second`.
+#[derive(Debug)]
+pub struct RouteBucket {
+    rate: Rate,
+    bucket: Mutex<Bucket>,
+}
+
+impl RouteBucket {
+    pub fn new(rate: Rate) -> RouteBucket {
+        RouteBucket {
+            rate,
+            bucket: Mutex::new(Bucket {
+                tokens: rate.burst,
+                at: Instant::now(),
+            }),
+        }
+    }
+
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    /// Takes a token; false when the bucket is empty.
+    pub fn take(&self) -> bool {
+        let Ok(mut b) = self.bucket.lock() else {
+            // A panic elsewhere poisoned the lock: fail open rather than refuse everyone.
+            return true;
+        };
+        b.refill(self.rate, Instant::now());
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Token buckets by key, at most `capacity` of them in memory.
 pub struct KeyedLimiter<K> {
     rate: Rate,

@@ -38,6 +38,18 @@ pub struct StreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub route: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub route: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabel {
     pub backend: String,
 }
@@ -89,6 +101,9 @@ pub struct Metrics {
     pub backend_ejections: Family<RouteBackendLabels, Counter>,
     pub rate_limited: Family<StreamLabels, Counter>,
     pub per_ip_refused: Counter,
+    pub sse_resumes: Family<OutcomeLabels, Counter>,
+    pub moved: Family<ReasonLabels, Counter>,
+    pub admission_rejected: Family<RouteLabel, Counter>,
     /// How many live backends use each label set: removed from the exposition at zero, so
     /// addresses that DNS no longer lists do not pile up.
     backend_users: std::sync::Mutex<std::collections::HashMap<RouteBackendLabels, usize>>,
@@ -120,6 +135,9 @@ impl Metrics {
             backend_ejections: Family::default(),
             rate_limited: Family::default(),
             per_ip_refused: Counter::default(),
+            sse_resumes: Family::default(),
+            moved: Family::default(),
+            admission_rejected: Family::default(),
             backend_users: Default::default(),
             registry: Registry::default(),
         };
@@ -202,6 +220,21 @@ impl Metrics {
             "per_ip_refused_connections",
             "Connections closed because their client already held limits.per_ip_connections",
             m.per_ip_refused.clone(),
+        );
+        registry.register(
+            "sse_resumes",
+            "Event streams continued on another backend, by route and outcome: resumed, failed (one try), exhausted (resume_attempts used up), not_resumable (no event id)",
+            m.sse_resumes.clone(),
+        );
+        registry.register(
+            "moved_connections",
+            "WebSockets and event streams the gateway moved off their backend, by route and reason: drain, age, rebalance",
+            m.moved.clone(),
+        );
+        registry.register(
+            "admission_rejected",
+            "WebSocket upgrades and event-stream requests refused (503) over max_new_streams_per_second, by route",
+            m.admission_rejected.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -307,6 +340,19 @@ impl Metrics {
                 route: route.to_string(),
                 kind: "messages",
             }),
+            resumes: RESUME_OUTCOMES.map(|outcome| {
+                self.sse_resumes.get_or_create_owned(&OutcomeLabels {
+                    route: route.to_string(),
+                    outcome,
+                })
+            }),
+            moved: MOVE_REASONS.map(|reason| {
+                self.moved.get_or_create_owned(&ReasonLabels {
+                    route: route.to_string(),
+                    reason,
+                })
+            }),
+            admission_rejected: self.admission_rejected.get_or_create_owned(&r()),
         }
     }
 
@@ -332,12 +378,41 @@ pub struct RouteMetrics {
     pub sse_lifetime: Histogram,
     pub limited_requests: Counter,
     pub limited_messages: Counter,
+    resumes: [Counter; 4],
+    moved: [Counter; 3],
+    pub admission_rejected: Counter,
+}
+
+/// The outcomes of `streamgate_sse_resumes_total`, in the order of [`ResumeOutcome`].
+const RESUME_OUTCOMES: [&str; 4] = ["resumed", "failed", "exhausted", "not_resumable"];
+const MOVE_REASONS: [&str; 3] = ["drain", "age", "rebalance"];
+
+/// What became of one try to continue an event stream elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeOutcome {
+    Resumed = 0,
+    Failed = 1,
+    Exhausted = 2,
+    NotResumable = 3,
 }
 
 impl RouteMetrics {
     pub fn request(&self, status: u16) {
         let i = (status / 100).clamp(1, 5) as usize - 1;
         self.requests[i].inc();
+    }
+
+    pub fn resume(&self, outcome: ResumeOutcome) {
+        self.resumes[outcome as usize].inc();
+    }
+
+    /// A WebSocket or stream moved off its backend.
+    pub fn moved(&self, reason: crate::upstream::MoveReason) {
+        let i = MOVE_REASONS
+            .iter()
+            .position(|r| *r == reason.as_str())
+            .unwrap_or(0);
+        self.moved[i].inc();
     }
 
     /// Requests answered so far, and how many of them with a 5xx.

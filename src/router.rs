@@ -24,6 +24,8 @@ pub struct Route {
     pub websocket_slots: Option<Arc<Semaphore>>,
     /// `[route.rate_limit]`'s buckets; carried over by a reload that keeps the same limit.
     pub rate_limiter: Option<Arc<crate::limiter::KeyedLimiter<Vec<u8>>>>,
+    /// `max_new_streams_per_second`; carried over by a reload that keeps the same rate.
+    pub stream_admission: Option<Arc<crate::limiter::RouteBucket>>,
     pub metrics: RouteMetrics,
     /// Where connect failures are counted, by backend.
     pub all_metrics: Arc<Metrics>,
@@ -69,8 +71,21 @@ impl Route {
             ))),
             (_, None) => None,
         };
+        let stream_admission = match (previous, config.max_new_streams_per_second) {
+            (Some(p), Some(rate)) if p.config.max_new_streams_per_second == Some(rate) => {
+                p.stream_admission.clone()
+            }
+            (_, Some(rate)) => Some(Arc::new(crate::limiter::RouteBucket::new(
+                crate::limiter::Rate {
+                    per_second: f64::from(rate),
+                    burst: f64::from(rate),
+                },
+            ))),
+            (_, None) => None,
+        };
         Route {
             rate_limiter,
+            stream_admission,
             metrics: ctx.metrics.route(&name),
             all_metrics: ctx.metrics.clone(),
             upstream: Upstream::new(&config, &name, previous.map(|p| &*p.upstream), ctx),

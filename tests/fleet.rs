@@ -6,12 +6,10 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use futures_util::SinkExt;
 use http::{header, HeaderMap, Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::support::admin::{backends, backends_until};
@@ -19,7 +17,7 @@ use crate::support::backend::{KeepAliveRace, RaceSeen, Tagged, X_BACKEND};
 use crate::support::client::{Client, Fetched};
 use crate::support::gateway::TestGateway;
 use crate::support::sse::{SseClient, SseStream};
-use crate::support::ws::{self, drain_to_end, next_data, WsClient};
+use crate::support::ws::{self, drain_to_end, WsClient};
 use crate::support::{
     dead_backend_url, empty, full, route, within, Blackhole, GatewayBuilder, Proto,
 };
@@ -144,8 +142,8 @@ impl Ws {
     /// Asks the backend its name (it answers `who` with `NAME:who`).
     async fn who(&mut self) -> String {
         match self {
-            Ws::H1(ws) => who(ws).await,
-            Ws::H2(h2) => who(&mut h2.1).await,
+            Ws::H1(ws) => ws::who(ws).await,
+            Ws::H2(h2) => ws::who(&mut h2.1).await,
         }
     }
 
@@ -159,20 +157,6 @@ impl Ws {
                 drop(client);
             }
         }
-    }
-}
-
-async fn who<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> String {
-    within("a message to be sent", ws.send(Message::text("who")))
-        .await
-        .expect("send a message");
-    match next_data(ws).await {
-        Message::Text(text) => text
-            .as_str()
-            .strip_suffix(":who")
-            .unwrap_or_else(|| panic!("not a tagged echo: {text}"))
-            .to_string(),
-        other => panic!("expected the tagged echo, got {other:?}"),
     }
 }
 

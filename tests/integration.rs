@@ -7,6 +7,7 @@ mod integrity;
 mod listeners;
 mod operations;
 mod sse;
+mod streams;
 mod support;
 mod tls_sni;
 mod trust;

@@ -127,6 +127,9 @@ pub struct Shutdown {
     pub grace: Duration,
     /// How long the gateway keeps serving, not ready, before it stops accepting.
     pub delay: Duration,
+    /// WebSocket closes and stream ends are spread evenly over this window after the drain
+    /// begins, so the remaining replicas are not hit by every client in the same second.
+    pub spread: Duration,
 }
 
 impl Default for Shutdown {
@@ -134,6 +137,7 @@ impl Default for Shutdown {
         Shutdown {
             grace: Duration::from_secs(30),
             delay: Duration::ZERO,
+            spread: Duration::ZERO,
         }
     }
 }
@@ -170,6 +174,15 @@ pub struct RouteConfig {
     pub sse: SseConfig,
     /// `[route.rate_limit]`: requests a second per client (or per header value).
     pub rate_limit: Option<RateLimitConfig>,
+    /// How long a backend that left the route keeps its WebSockets and streams before they
+    /// are moved (WebSockets closed with 1012, streams resumed elsewhere).
+    pub backend_drain: Duration,
+    /// Each WebSocket and stream is moved once this old (±10 %).
+    pub max_connection_age: Option<Duration>,
+    /// Move surplus WebSockets and streams off a backend above its fair share.
+    pub rebalance: bool,
+    /// WebSocket upgrades and event-stream requests admitted a second (burst: the same).
+    pub max_new_streams_per_second: Option<u32>,
 }
 
 /// `[route.rate_limit]`.
@@ -350,6 +363,11 @@ pub struct SseConfig {
     pub idle_timeout: Duration,
     /// On shutdown, send `retry: <ms>` before ending the stream, so clients reconnect after it.
     pub shutdown_retry: Option<Duration>,
+    /// Continue a stream whose backend failed or was moved on another backend, from the last
+    /// event id the client received.
+    pub resume: bool,
+    /// Backends tried per interruption before the stream ends.
+    pub resume_attempts: u32,
 }
 
 impl Default for SseConfig {
@@ -358,6 +376,8 @@ impl Default for SseConfig {
             heartbeat: None,
             idle_timeout: Duration::from_secs(3600),
             shutdown_retry: None,
+            resume: false,
+            resume_attempts: 3,
         }
     }
 }
@@ -583,7 +603,19 @@ impl Located<'_> {
         let shutdown = Shutdown {
             grace: self.duration_or("shutdown.grace", &raw.shutdown.grace, ds.grace)?,
             delay: self.duration_or("shutdown.delay", &raw.shutdown.delay, ds.delay)?,
+            spread: self.duration_or("shutdown.spread", &raw.shutdown.spread, ds.spread)?,
         };
+        if let Some(spread) = &raw.shutdown.spread {
+            if !shutdown.spread.is_zero() && shutdown.spread >= shutdown.grace {
+                return Err(self.error(
+                    spread.span(),
+                    format!(
+                        "shutdown.spread: must be shorter than shutdown.grace ({}), or the grace period cuts what the spread has not closed yet",
+                        humantime::format_duration(shutdown.grace)
+                    ),
+                ));
+            }
+        }
 
         let resolver = self.resolver(&raw.resolver)?;
 
@@ -692,6 +724,7 @@ impl Located<'_> {
 
         let backends = self.backends(&key("backends"), &r.backends)?;
         let fleet = self.fleet(&key, r)?;
+        let rebalance = self.rebalance(&key, r, &fleet.balance)?;
 
         let d = WebSocketConfig::default();
         let websocket = match &r.websocket {
@@ -743,6 +776,13 @@ impl Located<'_> {
                     .as_ref()
                     .map(|v| self.duration(&key("sse.shutdown_retry"), v))
                     .transpose()?,
+                resume: s.resume,
+                resume_attempts: s
+                    .resume_attempts
+                    .as_ref()
+                    .map(|v| self.int(&key("sse.resume_attempts"), v, 1..=10))
+                    .transpose()?
+                    .map_or(d.resume_attempts, |v| v as u32),
             },
         };
 
@@ -770,6 +810,23 @@ impl Located<'_> {
             websocket,
             sse,
             rate_limit: self.rate_limit(&key, &r.rate_limit)?,
+            backend_drain: self.duration_or(
+                &key("backend_drain"),
+                &r.backend_drain,
+                Duration::from_secs(300),
+            )?,
+            max_connection_age: r
+                .max_connection_age
+                .as_ref()
+                .map(|v| self.positive_duration(&key("max_connection_age"), v))
+                .transpose()?,
+            rebalance,
+            max_new_streams_per_second: r
+                .max_new_streams_per_second
+                .as_ref()
+                .map(|v| self.int(&key("max_new_streams_per_second"), v, 1..=1_000_000))
+                .transpose()?
+                .map(|v| v as u32),
         })
     }
 }

@@ -64,6 +64,7 @@ pub struct RawRuntime {
 pub struct RawShutdown {
     pub grace: Option<Text>,
     pub delay: Option<Text>,
+    pub spread: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,6 +92,10 @@ pub struct RawRoute {
     pub rate_limit: Option<RawRateLimit>,
     pub connect_timeout: Option<Text>,
     pub response_header_timeout: Option<Text>,
+    pub backend_drain: Option<Text>,
+    pub max_connection_age: Option<Text>,
+    pub rebalance: Option<Spanned<bool>>,
+    pub max_new_streams_per_second: Option<Spanned<i64>>,
     pub websocket: Option<RawWebSocket>,
     pub sse: Option<RawSse>,
 }
@@ -112,6 +117,9 @@ pub struct RawSse {
     pub heartbeat: Option<Text>,
     pub idle_timeout: Option<Text>,
     pub shutdown_retry: Option<Text>,
+    #[serde(default)]
+    pub resume: bool,
+    pub resume_attempts: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

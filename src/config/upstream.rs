@@ -63,6 +63,34 @@ impl Located<'_> {
         })
     }
 
+    /// `rebalance`: moving a connection helps only where the balancer may place it elsewhere;
+    /// hash and cookie affinity would send it straight back.
+    pub(super) fn rebalance(
+        &self,
+        key: &dyn Fn(&str) -> String,
+        r: &RawRoute,
+        balance: &Balance,
+    ) -> Result<bool, ConfigError> {
+        let Some(value) = &r.rebalance else {
+            return Ok(false);
+        };
+        let on = *value.get_ref();
+        if on && matches!(balance, Balance::Hash(_) | Balance::Cookie(_)) {
+            return Err(self.error(
+                value.span(),
+                format!(
+                    "{}: moves connections to other backends, which balance = \"{}\" would send straight back; use balance = \"least_conn\" (the default) or \"round_robin\", or leave rebalance off",
+                    key("rebalance"),
+                    match balance {
+                        Balance::Hash(_) => "hash",
+                        _ => "cookie",
+                    }
+                ),
+            ));
+        }
+        Ok(on)
+    }
+
     pub(super) fn backends(
         &self,
         key: &str,

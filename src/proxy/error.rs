@@ -49,6 +49,11 @@ pub enum ProxyError {
     NoBackend { route: String },
     #[error("route {route}: too many requests, try again in {retry_after}s")]
     RateLimited { route: String, retry_after: u64 },
+    /// `max_new_streams_per_second`: a reconnect storm is held back at the gateway.
+    #[error(
+        "route {route}: too many new WebSockets and event streams, try again in {retry_after}s"
+    )]
+    StreamsLimited { route: String, retry_after: u64 },
     #[error("route {route}: bad WebSocket handshake: {reason}")]
     BadHandshake { route: String, reason: String },
     #[error("route {route}: Origin {origin:?} is not in websocket.allowed_origins")]
@@ -96,9 +101,9 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::RouteFull { .. } | ProxyError::NoBackend { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::RouteFull { .. }
+            | ProxyError::NoBackend { .. }
+            | ProxyError::StreamsLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -214,6 +219,13 @@ mod tests {
                     retry_after: 1,
                 },
                 429,
+            ),
+            (
+                ProxyError::StreamsLimited {
+                    route: route(),
+                    retry_after: 1,
+                },
+                503,
             ),
         ];
         for (error, status) in cases {

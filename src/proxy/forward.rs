@@ -14,6 +14,7 @@ use super::body::{BodySlot, GatewayBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers::{add_forwarded, remove_hop_by_hop};
 use super::request::RequestFacts;
+use super::sse::resume::StreamRequest;
 use super::sse::{is_event_stream, SseBody};
 use super::ConnInfo;
 use crate::drain::Drain;
@@ -33,6 +34,18 @@ pub async fn forward(
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     prepare_headers(&mut parts.headers, facts, conn);
+    // `[route.sse] resume`: what it takes to open an event stream again elsewhere. Only a GET
+    // can be sent again (EventSource only sends GETs).
+    let again = (route.config.sse.resume && parts.method == Method::GET)
+        .then(|| {
+            Some(StreamRequest {
+                method: Method::GET,
+                path: backend_path(route, &parts.uri).ok()?,
+                headers: parts.headers.clone(),
+                client: conn.client,
+            })
+        })
+        .flatten();
     let (body, slot) = UpstreamBody::new(body, &route.metrics.bytes_in);
     let sent = send(
         BackendRequest {
@@ -78,8 +91,9 @@ pub async fn forward(
                 "event stream has a Content-Encoding: no heartbeats or retry hint"
             );
         }
-        return Ok(response
-            .map(|body| GatewayBody::boxed(SseBody::new(body, route, conn.id, drain, encoded))));
+        return Ok(response.map(|body| {
+            GatewayBody::boxed(SseBody::new(body, route, conn.id, drain, encoded, again))
+        }));
     }
     Ok(response.map(|body| GatewayBody::Upstream { body }))
 }
@@ -288,7 +302,7 @@ fn client_body_failed(error: &hyper::Error) -> bool {
 }
 
 /// A `Content-Encoding` other than `identity`.
-fn is_encoded(headers: &HeaderMap) -> bool {
+pub(crate) fn is_encoded(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::CONTENT_ENCODING)
         .iter()

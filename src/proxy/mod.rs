@@ -228,6 +228,9 @@ impl Gateway {
             .clone();
         entry.route = Some(route.clone());
         check_rate(&route, &req, conn)?;
+        if is_websocket || accepts_event_stream(req.headers()) {
+            admit_stream(&route)?;
+        }
         if is_websocket {
             websocket::bridge(&route, req, &facts, conn, &self.drain, entry).await
         } else {
@@ -300,6 +303,38 @@ fn check_rate<B>(route: &Route, req: &Request<B>, conn: &ConnInfo) -> Result<(),
     })
 }
 
+/// Whether the client asks for an event stream (`Accept: text/event-stream`, as EventSource
+/// sends): admission control must decide before any backend has answered.
+fn accepts_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|t| {
+            t.split(|b| *b == b';')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii()
+        })
+        .any(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
+}
+
+/// `max_new_streams_per_second`: a new WebSocket or stream takes a token of the route's bucket,
+/// or gets 503 with a `Retry-After` of 1 to 5 s, random so that refused clients do not come
+/// back together.
+fn admit_stream(route: &Route) -> Result<(), ProxyError> {
+    match &route.stream_admission {
+        Some(bucket) if !bucket.take() => {
+            route.metrics.admission_rejected.inc();
+            Err(ProxyError::StreamsLimited {
+                route: route.name.clone(),
+                retry_after: fastrand::u64(1..=5),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The gateway's own answer to an error: the status, and the reason as a one-line text body.
 pub fn error_response(error: &ProxyError) -> Response<GatewayBody> {
     let mut response = Response::new(GatewayBody::full(format!("streamgate: {error}\n")));
@@ -308,7 +343,9 @@ pub fn error_response(error: &ProxyError) -> Response<GatewayBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    if let ProxyError::RateLimited { retry_after, .. } = error {
+    if let ProxyError::RateLimited { retry_after, .. }
+    | ProxyError::StreamsLimited { retry_after, .. } = error
+    {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));

@@ -80,6 +80,11 @@ pub struct Backend {
     up_since: AtomicU64,
     /// The active checker running for this backend, and the settings it runs with.
     pub(crate) checker: Mutex<Option<(HealthConfig, CancellationToken)>>,
+    /// Its open WebSockets and event streams, which may be asked to move.
+    pub(crate) held: super::held::HeldSet,
+    /// Bumped each time the backend starts draining, so a drain timer from an earlier
+    /// departure (it was listed again since) does nothing.
+    drain_epoch: AtomicU64,
 }
 
 impl Backend {
@@ -112,6 +117,8 @@ impl Backend {
             consecutive_failures: AtomicU32::new(0),
             up_since: AtomicU64::new(if slow_start { now_ms() } else { 0 }),
             checker: Mutex::new(None),
+            held: Default::default(),
+            drain_epoch: AtomicU64::new(0),
             address,
         }
     }
@@ -177,9 +184,26 @@ impl Backend {
         (10 + 90 * elapsed / window).min(100)
     }
 
-    pub fn set_draining(&self) {
+    /// Takes the backend out of the route; returns the departure's epoch for its drain timer.
+    pub fn set_draining(&self) -> u64 {
         self.draining.store(true, Ordering::Relaxed);
         self.metrics.up.set(0);
+        self.drain_epoch.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Whether the backend is still draining since the departure that returned `epoch`.
+    pub fn draining_since(&self, epoch: u64) -> bool {
+        self.is_draining() && self.drain_epoch.load(Ordering::Relaxed) == epoch
+    }
+
+    /// Registers a WebSocket or event stream on this backend, so it can be asked to move.
+    pub fn hold(self: &Arc<Self>) -> super::held::Held {
+        super::held::Held::new(self.clone())
+    }
+
+    /// WebSockets and event streams open here, and how many of them were not asked to move.
+    pub fn held(&self) -> (usize, usize) {
+        self.held.counts()
     }
 
     /// Listed again after it had left: takes new work again, in slow start when set.

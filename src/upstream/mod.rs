@@ -14,6 +14,7 @@ pub mod backend;
 pub mod balance;
 pub mod discovery;
 pub mod health;
+pub mod held;
 pub mod pool;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use backend::{Backend, OpenGuard, State};
 pub use balance::PickInput;
+pub use held::{Held, MoveReason};
 pub use pool::{PooledBody, SendError};
 
 use crate::config::{BackendConfig, Balance, HealthConfig, OutlierConfig, RouteConfig};
@@ -67,8 +69,13 @@ pub struct Upstream {
     /// Smooth weighted round-robin's running scores, by backend.
     round_robin_scores: Mutex<std::collections::HashMap<u64, i64>>,
     ctx: UpstreamContext,
-    /// Stops this upstream's DNS watchers when it is replaced or dropped.
+    /// Stops this upstream's DNS watchers and rebalancer when it is replaced or dropped.
     stop: CancellationToken,
+    /// `backend_drain`: how long a departed backend keeps its WebSockets and streams.
+    backend_drain: Duration,
+    /// The upstream a reload built in this one's place: a stream that began before the
+    /// reload resumes on the backends listed now.
+    successor: Mutex<Weak<Upstream>>,
 }
 
 impl Upstream {
@@ -137,11 +144,14 @@ impl Upstream {
             })
             .collect();
         let active: Vec<Arc<Backend>> = entries.iter().flatten().cloned().collect();
-        // Whatever was not taken over has left the route.
+        // Whatever was not taken over has left the route (or had left it before).
         let draining: Vec<Arc<Backend>> = old
             .into_iter()
             .filter(|b| {
-                b.set_draining();
+                if !b.is_draining() {
+                    let epoch = b.set_draining();
+                    drain_later(b, epoch, config.backend_drain, route, &ctx.drain);
+                }
                 health::stop(b);
                 b.open() > 0
             })
@@ -165,8 +175,18 @@ impl Upstream {
             round_robin_scores: Mutex::default(),
             ctx: ctx.clone(),
             stop: CancellationToken::new(),
+            backend_drain: config.backend_drain,
+            successor: Mutex::new(Weak::new()),
         });
+        if let Some(p) = previous {
+            if let Ok(mut next) = p.successor.lock() {
+                *next = Arc::downgrade(&upstream);
+            }
+        }
         upstream.check_health();
+        if config.rebalance {
+            upstream.rebalance();
+        }
         for (i, b) in config.backends.iter().enumerate() {
             if b.discover {
                 upstream.discover(i, b);
@@ -245,7 +265,14 @@ impl Upstream {
             .filter(|b| !next.iter().any(|n| Arc::ptr_eq(n, b)))
         {
             tracing::info!(route = %self.route, backend = %gone.address, name = url, open = gone.open(), "dns: backend left, draining");
-            gone.set_draining();
+            let epoch = gone.set_draining();
+            drain_later(
+                gone,
+                epoch,
+                self.backend_drain,
+                &self.route,
+                &self.ctx.drain,
+            );
             health::stop(gone);
             if gone.open() > 0 {
                 if let Ok(mut d) = self.draining.lock() {
@@ -367,6 +394,85 @@ impl Upstream {
         }
     }
 
+    /// The upstream that serves this route now: this one, or the one a reload put in its
+    /// place (a stream that began before a reload resumes on the backends listed now).
+    pub fn latest(self: &Arc<Self>) -> Arc<Upstream> {
+        let mut current = self.clone();
+        // A chain of reloads; bounded all the same, in case of a cycle that cannot happen.
+        for _ in 0..1_000 {
+            let next = current.successor.lock().ok().and_then(|n| n.upgrade());
+            match next {
+                Some(n) => current = n,
+                None => break,
+            }
+        }
+        current
+    }
+
+    /// `rebalance = true`: once a second, a backend that has held more than 1.25x its weighted
+    /// share of the route's WebSockets and streams for a while sheds connections, at most a
+    /// tenth of the route's a second, until it is down to its share.
+    fn rebalance(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let (stop, drain) = (self.stop.clone(), self.ctx.drain.clone());
+        self.ctx.drain.spawn(async move {
+            let mut states: std::collections::HashMap<u64, held::ShedState> = Default::default();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
+                    _ = drain.draining() => return,
+                }
+                let Some(upstream) = weak.upgrade() else {
+                    return;
+                };
+                upstream.rebalance_tick(&mut states);
+            }
+        });
+    }
+
+    fn rebalance_tick(&self, states: &mut std::collections::HashMap<u64, held::ShedState>) {
+        let now = tokio::time::Instant::now();
+        let ms = backend::now_ms();
+        let active = self.active.load();
+        // Only backends that take new work share the load: a moved connection must have
+        // somewhere to go.
+        let up: Vec<(&Arc<Backend>, usize, usize)> = active
+            .iter()
+            .filter(|b| b.state_at(ms, self.slow_start).takes_new_work())
+            .map(|b| {
+                let (all, staying) = b.held();
+                (b, all, staying)
+            })
+            .collect();
+        states.retain(|id, _| up.iter().any(|(b, ..)| b.hash_id == *id));
+        if up.len() < 2 {
+            return;
+        }
+        let total: usize = up.iter().map(|(_, all, _)| all).sum();
+        let weights: u64 = up.iter().map(|(b, ..)| u64::from(b.weight())).sum();
+        let mut budget = (total / 10).max(1);
+        for (b, _, staying) in &up {
+            let share = total as f64 * f64::from(b.weight()) / weights.max(1) as f64;
+            let state = states.entry(b.hash_id).or_default();
+            let n = held::shed(state, *staying, share, budget, now);
+            if n > 0 {
+                let asked = b.held.ask_some(n, MoveReason::Rebalance);
+                budget -= asked.min(budget);
+                tracing::info!(
+                    route = %self.route,
+                    backend = %b.address,
+                    held = staying,
+                    share = format!("{share:.1}"),
+                    moving = asked,
+                    "rebalancing: moving connections off a backend above its share"
+                );
+            }
+        }
+    }
+
     /// How many backends could be tried for one request (retries never exceed it).
     pub fn len(&self) -> usize {
         self.active.load().len()
@@ -399,6 +505,27 @@ impl Upstream {
         }
         out
     }
+}
+
+/// After `after`, asks the WebSockets and streams still open on `backend` to move, unless it
+/// was listed again meanwhile (or the gateway is shutting down: the drain closes them then).
+fn drain_later(backend: &Arc<Backend>, epoch: u64, after: Duration, route: &str, drain: &Drain) {
+    if backend.held.is_empty() {
+        return;
+    }
+    let (backend, route, stop) = (backend.clone(), route.to_string(), drain.clone());
+    drain.spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(after) => {}
+            _ = stop.draining() => return,
+        }
+        if backend.draining_since(epoch) {
+            let moved = backend.held.ask_all(MoveReason::Drain);
+            if moved > 0 {
+                tracing::info!(route, backend = %backend.address, moving = moved, "backend_drain over: moving its WebSockets and streams");
+            }
+        }
+    });
 }
 
 impl Drop for Upstream {

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod body;
 pub mod client;
 pub mod dns;
+pub mod events;
 pub mod gateway;
 pub mod logs;
 pub mod pki;

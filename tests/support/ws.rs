@@ -763,3 +763,19 @@ impl Drop for GatewayProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Asks a backend that answers `T` with `NAME:T` (fleet's `Tagged`, events' `WsTagged`)
+/// its name through `ws`.
+pub async fn who<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> String {
+    within("a message to be sent", ws.send(Message::text("who")))
+        .await
+        .expect("send a message");
+    match next_data(ws).await {
+        Message::Text(text) => text
+            .as_str()
+            .strip_suffix(":who")
+            .unwrap_or_else(|| panic!("not a tagged echo: {text}"))
+            .to_string(),
+        other => panic!("expected the tagged echo, got {other:?}"),
+    }
+}

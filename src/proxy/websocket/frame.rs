@@ -27,6 +27,8 @@ pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
+/// IANA registry: the server is restarting; the client should reconnect (to another backend).
+pub const CLOSE_SERVICE_RESTART: u16 = 1012;
 
 impl FrameHeader {
     pub fn is_control(&self) -> bool {

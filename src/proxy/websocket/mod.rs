@@ -196,9 +196,18 @@ pub async fn bridge(
         conn_id: conn.id,
         drain: drain.clone(),
         write_stall: conn.write_stall.clone(),
+        // Registered on its backend, which may ask it to move (drain, rebalance).
+        held: open.backend().hold(),
         // Held for the tunnel's life: the route's place, the connection's place under
-        // max_connections, its count as busy (not idle), and its count on the backend.
-        _guards: (slot, conn.slot.clone(), conn.activity.begin(), open),
+        // max_connections, its count as busy (not idle), its count on the backend, and
+        // its count among those a paced shutdown spreads.
+        _guards: (
+            slot,
+            conn.slot.clone(),
+            conn.activity.begin(),
+            open,
+            drain.long_lived(),
+        ),
     };
     drain.spawn(tunnel.run().instrument(tracing::Span::current()));
     Ok(reply)
@@ -213,11 +222,13 @@ struct Tunnel {
     conn_id: u64,
     drain: Drain,
     write_stall: Arc<crate::stall::WriteStall>,
+    held: crate::upstream::Held,
     _guards: (
         Option<tokio::sync::OwnedSemaphorePermit>,
         Arc<crate::conn::ConnSlot>,
         crate::conn::ActiveGuard,
         crate::upstream::OpenGuard,
+        crate::drain::LongLived,
     ),
 }
 
@@ -245,6 +256,8 @@ impl Tunnel {
             max_message_size: ws.max_message_size,
             max_messages_per_second: ws.max_messages_per_second,
             write_stall: Some(self.write_stall.clone()),
+            moves: Some(self.held.signal().clone()),
+            age_at: crate::upstream::held::age_deadline(route.config.max_connection_age),
         };
         let metrics = &route.metrics;
         metrics.websockets.inc();
@@ -253,6 +266,9 @@ impl Tunnel {
         metrics.websockets.dec();
         if stats.reason == Some("message rate exceeded") {
             metrics.limited_messages.inc();
+        }
+        if let Some(reason) = stats.moved {
+            metrics.moved(reason);
         }
         metrics
             .websocket_lifetime

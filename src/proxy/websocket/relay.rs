@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::frame::{self, Parsed};
 use crate::drain::Drain;
+use crate::upstream::MoveReason;
 
 /// Size of the read buffer, shared by all relays on a thread: one TLS record's plaintext.
 /// A relay keeps no buffer of its own while its peers keep up (and none at all while idle);
@@ -38,6 +39,11 @@ pub struct RelayConfig {
     /// The client connection's write progress: a client that stops reading while data waits
     /// for `limits.write_stall_timeout` ends the tunnel.
     pub write_stall: Option<std::sync::Arc<crate::stall::WriteStall>>,
+    /// Asked to move off its backend (`backend_drain`, `rebalance`): the client gets the
+    /// reason's close code and reconnects, the balancer places it again.
+    pub moves: Option<std::sync::Arc<crate::upstream::held::MoveSignal>>,
+    /// `max_connection_age` (with its jitter): the tunnel is moved then.
+    pub age_at: Option<Instant>,
 }
 
 /// A token bucket for one connection's messages: no map, no lock, a few bytes.
@@ -110,6 +116,8 @@ pub struct RelayStats {
     pub close_code: Option<u16>,
     /// Why the gateway closed, when it did.
     pub reason: Option<&'static str>,
+    /// The gateway moved the tunnel off its backend (the client was told to reconnect).
+    pub moved: Option<MoveReason>,
 }
 
 /// Something in one direction that the relay as a whole must react to.
@@ -493,9 +501,19 @@ where
     let mut down = Pump::new(false); // backend -> client
     let mut outcome = Outcome::default();
 
-    // One timer for the idle timeout, reused as the linger deadline once closing.
+    // One timer for the idle timeout, the connection's age and its slot in a paced shutdown,
+    // reused as the linger deadline once closing.
     let mut closing = false;
-    let deadline = tokio::time::sleep(config.idle_timeout);
+    // When a paced shutdown (`[shutdown] spread`) has this tunnel close.
+    let mut spread_at: Option<Instant> = None;
+    let next_check = |last: Instant, spread_at: Option<Instant>| {
+        let idle = last + config.idle_timeout;
+        [config.age_at, spread_at]
+            .into_iter()
+            .flatten()
+            .fold(idle, Instant::min)
+    };
+    let deadline = tokio::time::sleep_until(next_check(Instant::now(), None));
     tokio::pin!(deadline);
     let ping_every = config
         .ping_interval
@@ -531,14 +549,32 @@ where
                 if closing {
                     break;
                 }
+                let now = Instant::now();
                 let last = up.last_read.max(down.last_read);
-                if last.elapsed() >= config.idle_timeout {
+                if spread_at.is_some_and(|at| at <= now) {
+                    outcome.gateway(frame::CLOSE_GOING_AWAY, "shutdown");
+                    close_both(&mut up, &mut down, "server shutting down");
+                    linger(&mut closing, deadline.as_mut());
+                } else if config.age_at.is_some_and(|at| at <= now) {
+                    move_tunnel(MoveReason::Age, &mut up, &mut down, &mut outcome);
+                    linger(&mut closing, deadline.as_mut());
+                } else if now.duration_since(last) >= config.idle_timeout {
                     outcome.gateway(frame::CLOSE_GOING_AWAY, "idle timeout");
                     close_both(&mut up, &mut down, "idle timeout");
                     linger(&mut closing, deadline.as_mut());
                 } else {
-                    deadline.as_mut().reset(last + config.idle_timeout);
+                    deadline.as_mut().reset(next_check(last, spread_at));
                 }
+                continue;
+            }
+            reason = async {
+                match &config.moves {
+                    Some(m) => m.wait().await,
+                    None => std::future::pending().await,
+                }
+            }, if !closing => {
+                move_tunnel(reason, &mut up, &mut down, &mut outcome);
+                linger(&mut closing, deadline.as_mut());
                 continue;
             }
             _ = &mut ping, if config.ping_interval.is_some() && !closing => {
@@ -552,6 +588,14 @@ where
             }
             _ = drain.draining(), if !drained => {
                 drained = true;
+                let delay = drain.spread_delay();
+                if !delay.is_zero() && !closing {
+                    // A paced shutdown: this tunnel's turn comes later.
+                    let at = Instant::now() + delay;
+                    spread_at = Some(at);
+                    deadline.as_mut().reset(next_check(up.last_read.max(down.last_read), spread_at));
+                    continue;
+                }
                 outcome.gateway(frame::CLOSE_GOING_AWAY, "shutdown");
                 close_both(&mut up, &mut down, "server shutting down");
                 // Peers get the grace period to answer; the cut ends what is left.
@@ -654,6 +698,7 @@ where
         closed_by: outcome.closed_by.unwrap_or(ClosedBy::Gateway),
         close_code: outcome.close_code,
         reason: outcome.reason,
+        moved: outcome.moved,
     }
 }
 
@@ -663,6 +708,7 @@ struct Outcome {
     closed_by: Option<ClosedBy>,
     close_code: Option<u16>,
     reason: Option<&'static str>,
+    moved: Option<MoveReason>,
 }
 
 impl Outcome {
@@ -682,6 +728,20 @@ impl Outcome {
             self.reason = Some(reason);
         }
     }
+}
+
+/// Moves the tunnel off its backend: the client gets the reason's close code (1012 or 1001)
+/// and reconnects, where the balancer places it again; the backend gets 1001.
+fn move_tunnel(reason: MoveReason, up: &mut Pump, down: &mut Pump, outcome: &mut Outcome) {
+    let why = match reason {
+        MoveReason::Drain => "backend drained",
+        MoveReason::Age => "max_connection_age reached",
+        MoveReason::Rebalance => "rebalanced",
+    };
+    outcome.gateway(reason.close_code(), why);
+    outcome.moved = Some(reason);
+    down.push_close(reason.close_code(), why);
+    up.push_close(frame::CLOSE_GOING_AWAY, why);
 }
 
 /// Close 1001 to both peers, each at its own next frame boundary.

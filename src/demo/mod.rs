@@ -1,9 +1,16 @@
 //! The built-in demo: backends that run inside the process, a config that routes to them, a
 //! self-signed certificate made at start-up, and a page at `/` that exercises each route.
+//!
+//! Layout: this file holds the config and the plain backend (the page, the HTTP and WebSocket
+//! echoes, the kill control); [`events`] the two event backends that the page's stream moves
+//! between; `page.html` the page.
+
+mod events;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Request, Response};
@@ -13,6 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
+use self::events::EventBackend;
 use crate::config::Config;
 use crate::tls::{self, LoadedCert};
 use crate::Listeners;
@@ -43,7 +51,12 @@ impl Demo {
     pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
         let backend = TcpListener::bind("127.0.0.1:0").await?;
         let backend_addr = backend.local_addr()?;
-        tokio::spawn(serve_backend(backend));
+        let events: EventBackends = Arc::new([
+            EventBackend::start("events-a").await?,
+            EventBackend::start("events-b").await?,
+        ]);
+        let (events_a, events_b) = (events[0].addr, events[1].addr);
+        tokio::spawn(serve_backend(backend, events));
 
         let text = format!(
             r#"
@@ -60,10 +73,11 @@ backends = ["http://{backend_addr}"]
 
 [[route]]
 path = "/events"
-backends = ["http://{backend_addr}"]
+backends = ["http://{events_a}", "http://{events_b}"]
 [route.sse]
 heartbeat = "15s"
 shutdown_retry = "2s"
+resume = true
 
 [[route]]
 path = "/ws"
@@ -88,22 +102,31 @@ backends = ["http://{backend_addr}"]
     }
 }
 
-async fn serve_backend(listener: TcpListener) {
+/// The event backends behind `/events`, which the page's kill button reaches.
+type EventBackends = Arc<[Arc<EventBackend>; 2]>;
+
+/// The plain backend, behind every route but `/events`.
+async fn serve_backend(listener: TcpListener, events: EventBackends) {
     let mut errors = crate::listener::AcceptErrors::new("demo backend");
     loop {
         let (tcp, _) = errors.accept(&listener).await;
+        let events = Arc::clone(&events);
         tokio::spawn(async move {
+            let service = service_fn(move |req| backend(req, Arc::clone(&events)));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(tcp), service_fn(backend))
+                .serve_connection_with_upgrades(TokioIo::new(tcp), service)
                 .await;
         });
     }
 }
 
-async fn backend(req: Request<Incoming>) -> Result<Response<DemoBody>, Infallible> {
+async fn backend(
+    req: Request<Incoming>,
+    events: EventBackends,
+) -> Result<Response<DemoBody>, Infallible> {
     let path = req.uri().path().to_string();
-    let response = if path == "/events" {
-        events(&req)
+    let response = if path == "/demo/kill-event-backend" {
+        kill_event_backend(&req, &events)
     } else if path == "/ws" {
         websocket_echo(req)
     } else if path == "/echo" || path.starts_with("/echo/") {
@@ -126,43 +149,58 @@ fn full(bytes: Bytes) -> DemoBody {
     Full::new(bytes).boxed_unsync()
 }
 
-/// An event stream: a counter with `id:` lines, one event a second, resuming after the
-/// `Last-Event-ID` a reconnecting EventSource sends.
-fn events(req: &Request<Incoming>) -> http::Result<Response<DemoBody>> {
-    let next = req
-        .headers()
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(1, |id| id + 1);
-    let ticks = Counter {
-        next,
-        interval: tokio::time::interval(std::time::Duration::from_secs(1)),
+/// `POST /demo/kill-event-backend[?backend=NAME]`: kills the named event backend (the one the
+/// page's stream is on), or the first one up, and has it restart a few seconds later. It can
+/// only reach the two event backends of this process.
+fn kill_event_backend(
+    req: &Request<Incoming>,
+    events: &EventBackends,
+) -> http::Result<Response<DemoBody>> {
+    let text = |status: u16, text: String| {
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(full(Bytes::from(text)))
     };
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(ticks.boxed_unsync())
-}
-
-struct Counter {
-    next: u64,
-    interval: tokio::time::Interval,
-}
-
-impl http_body::Body for Counter {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
-        std::task::ready!(self.interval.poll_tick(cx));
-        let n = self.next;
-        self.next += 1;
-        let event = format!("id: {n}\nevent: tick\ndata: {{\"count\": {n}}}\n\n");
-        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(event)))))
+    if req.method() != http::Method::POST {
+        return text(405, "demo backend: POST to kill an event backend\n".into());
+    }
+    let wanted = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("backend=")));
+    let target = match wanted {
+        Some(name) => events.iter().find(|b| b.name == name),
+        None => events.iter().find(|b| b.is_up()),
+    };
+    let Some(target) = target else {
+        return text(404, "demo backend: no such event backend\n".into());
+    };
+    let secs = events::RESTART_AFTER.as_secs();
+    if let Some(down) = events.iter().find(|b| b.name != target.name && !b.is_up()) {
+        // With both down the stream has nowhere to go: it would end, and EventSource reconnect.
+        return text(
+            409,
+            format!(
+                "{} is still down (it restarts within {secs}s): killing {} now would leave the stream no backend\n",
+                down.name, target.name
+            ),
+        );
+    }
+    match target.kill() {
+        Ok(cut) => text(
+            200,
+            format!(
+                "killed {}: {cut} open event stream{} cut off without an end; back on {} in {secs}s\n",
+                target.name,
+                if cut == 1 { "" } else { "s" },
+                target.addr
+            ),
+        ),
+        Err(events::AlreadyDown) => text(
+            409,
+            format!("{} is down already; it restarts within {secs}s\n", target.name),
+        ),
     }
 }
 
@@ -220,71 +258,5 @@ async fn echo(req: Request<Incoming>) -> http::Result<Response<DemoBody>> {
         .body(full(Bytes::from(text)))
 }
 
-const PAGE: &str = r#"<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>streamgate demo</title>
-<style>
-body { font: 15px/1.5 system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; }
-pre { background: #f4f4f4; padding: .75rem; overflow: auto; min-height: 3rem; max-height: 12rem; }
-h2 { margin-top: 2rem; }
-</style>
-</head>
-<body>
-<h1>streamgate demo</h1>
-<p>This page came through streamgate: TLS ended at the gateway, and the request went on as plain
-HTTP to a backend inside the same process. Each section below uses one route.</p>
-
-<h2>HTTP echo: <code>/echo</code></h2>
-<p>What the backend received for a request from this page: note the <code>x-forwarded-*</code>
-headers the gateway added.</p>
-<button id="echo-send">Send a request</button>
-<pre id="echo-out">…</pre>
-
-<h2>WebSocket echo: <code>/ws</code></h2>
-<p>A WebSocket through the gateway (WSS here, plain WS to the backend). Type and send: the
-backend echoes each message.</p>
-<form id="ws-form"><input id="ws-text" value="hello over wss" size="40"> <button>Send</button></form>
-<pre id="ws-out">connecting…</pre>
-
-<h2>Server-Sent Events: <code>/events</code></h2>
-<p>An event stream through the gateway, each event delivered as the backend writes it, with
-<code>id:</code> lines so a reconnecting EventSource resumes where it left off.</p>
-<pre id="sse-out">connecting…</pre>
-
-<script>
-const sseOut = document.getElementById('sse-out');
-const source = new EventSource('/events');
-const sseLines = [];
-function sseShow(line) {
-  sseLines.unshift(line);
-  sseLines.length = Math.min(sseLines.length, 5);
-  sseOut.textContent = sseLines.join('\n');
-}
-source.addEventListener('tick', (e) => sseShow('event id ' + e.lastEventId + ': ' + e.data));
-source.onerror = () => sseShow('reconnecting… (EventSource sends Last-Event-ID)');
-
-const wsOut = document.getElementById('ws-out');
-const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws');
-ws.onopen = () => { wsOut.textContent = 'open\n'; ws.send('hello from the demo page'); };
-ws.onmessage = (e) => { wsOut.textContent += 'echo: ' + e.data + '\n'; };
-ws.onclose = (e) => { wsOut.textContent += 'closed ' + e.code + ' ' + e.reason + '\n'; };
-document.getElementById('ws-form').onsubmit = (e) => {
-  e.preventDefault();
-  if (ws.readyState === WebSocket.OPEN) ws.send(document.getElementById('ws-text').value);
-};
-
-async function echo() {
-  const out = document.getElementById('echo-out');
-  try {
-    const r = await fetch('/echo/hello?from=demo', { method: 'POST', body: 'hello from the demo page' });
-    out.textContent = r.status + ' ' + r.statusText + '\n\n' + await r.text();
-  } catch (e) { out.textContent = 'failed: ' + e; }
-}
-document.getElementById('echo-send').onclick = echo;
-echo();
-</script>
-</body>
-</html>
-"#;
+/// The demo page: one section per route.
+const PAGE: &str = include_str!("page.html");
