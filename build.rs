@@ -1,18 +1,17 @@
 //! Stamps the binary with its git commit and build date, for `streamgate --version`. Outside a
-//! git checkout (the container build) the commit is "unknown".
+//! git checkout (the container build) the commit is `STREAMGATE_COMMIT` from the environment
+//! (the Dockerfile's build argument), else "unknown".
 
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 fn main() {
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
+    // A container build has no .git: the Dockerfile passes the commit in (build arg).
+    let given = std::env::var("STREAMGATE_COMMIT")
         .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|c| !c.is_empty())
-        .unwrap_or_else(|| "unknown".to_string());
+        .filter(|c| !c.is_empty() && c != "unknown");
+    let commit = given.unwrap_or_else(commit_from_git);
+    println!("cargo:rerun-if-env-changed=STREAMGATE_COMMIT");
     // Reproducible builds set SOURCE_DATE_EPOCH; otherwise today.
     let secs = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
@@ -47,4 +46,16 @@ fn civil_date(days: u64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// The checkout's commit, or "unknown" outside a git checkout.
+fn commit_from_git() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Checks the container image for real, without a Docker engine: builds the static binary with
-# the exact command the Dockerfile's build stage runs, builds the Dockerfile's final stage
-# around it with buildah, then runs the image with podman: `check` must exit 0 on a mounted
-# config, and `demo` must answer over TLS. Prints the image's size.
+# the commands the Dockerfile's build stage runs for this machine's architecture, builds the
+# Dockerfile's final stage around it with buildah, then runs the image with podman: `check` on
+# mounted directories, the README's own `docker run` line on certificates made by
+# certs/README.md's own commands, and `demo` answering over TLS. Prints the image's size.
 #
 # Base images cannot be pulled here, which is why the build stage's command runs on the host
 # (same toolchain, same target, same flags) and only the final stage (FROM scratch) is built.
@@ -22,26 +23,36 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-rustup target add x86_64-unknown-linux-musl >/dev/null
 
-log "static binary, built by the Dockerfile's own command"
-# The last `cargo build` line of the build stage, with its environment prefix.
-build_cmd=$(grep -A3 'RUN touch src/main.rs' Dockerfile | grep -o 'CARGO_PROFILE_RELEASE_STRIP=symbols' | head -1)
-cargo_cmd=$(grep -o 'cargo build --release --locked --target x86_64-unknown-linux-musl' Dockerfile | tail -1)
-[ -n "$cargo_cmd" ] || { echo "Dockerfile has no musl cargo build line"; exit 1; }
-env ${build_cmd:+"$build_cmd"} $cargo_cmd
-bin=target/x86_64-unknown-linux-musl/release/streamgate
+log "static binary, built by the Dockerfile's own commands for this machine's architecture"
+# The Rust target the Dockerfile's TARGETARCH mapping gives for this architecture, the
+# CARGO_* settings its build stage sets with ENV, and its cargo build line.
+arch=$(dpkg --print-architecture)
+target=$(grep -oP "^\s*${arch}\) target=\K[a-z0-9_-]+" Dockerfile | head -1)
+[ -n "$target" ] || { echo "the Dockerfile maps no Rust target for $arch"; exit 1; }
+mapfile -t envs < <(grep -oP '^ENV \KCARGO_[A-Z_]+=\S+' Dockerfile)
+grep -q 'cargo build --release --locked --target "$(cat /rust-target)"' Dockerfile \
+  || { echo "Dockerfile has no cargo build line for /rust-target"; exit 1; }
+echo "$arch -> $target, ${envs[*]:-no CARGO_ settings}"
+rustup target add "$target" >/dev/null
+env "${envs[@]}" cargo build --release --locked --target "$target"
+bin=target/$target/release/streamgate
 file "$bin" 2>/dev/null || true
 if ldd "$bin" 2>&1 | grep -q '=>'; then echo "binary is dynamically linked"; exit 1; fi
 
 log "image from the Dockerfile's final stage"
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
-mkdir -p "$ctx/bin"
+mkdir -p "$ctx/bin" "$ctx/rootfs/tmp"
 cp "$bin" "$ctx/bin/streamgate"
-# Everything from the last FROM on, with the COPY from the build stage pointed at the context.
+# What the build stage puts in /rootfs for the final one: /tmp, mode 1777.
+grep -q 'mkdir -p /rootfs/tmp && chmod 1777 /rootfs/tmp' Dockerfile || { echo "Dockerfile makes no /rootfs/tmp"; exit 1; }
+chmod 1777 "$ctx/rootfs/tmp"
+# Everything from the last FROM on, with the COPYs from the build stage pointed at the context.
 awk '/^FROM /{stage=""} {stage = stage $0 "\n"} END {printf "%s", stage}' Dockerfile \
-  | sed -E 's#^COPY --from=build [^ ]+ #COPY bin/streamgate #' > "$ctx/Containerfile"
+  | sed -E 's#^COPY --from=build /streamgate #COPY bin/streamgate #; s#^COPY --from=build /rootfs/ #COPY rootfs/ #' \
+  > "$ctx/Containerfile"
+if grep -q '^COPY --from=build' "$ctx/Containerfile"; then echo "a COPY from the build stage this script does not know"; exit 1; fi
 grep -q '^FROM scratch' "$ctx/Containerfile" || { echo "final stage is not FROM scratch"; exit 1; }
 cat "$ctx/Containerfile"
 store=(--storage-driver vfs)
@@ -52,21 +63,62 @@ buildah "${store[@]}" bud --isolation chroot --format docker -f "$ctx/Containerf
 limits=(--ulimit nofile=16384:16384 --ulimit nproc=4096:4096)
 podman_run=(podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs run --rm --network host "${limits[@]}")
 
-log "check on a mounted config"
+log "check on mounted config/ and certs/ directories, as the image's own user"
 cfg=$(mktemp -d)
 trap 'rm -rf "$ctx" "$cfg"' EXIT
-mkdir -p "$cfg/certs"
+mkdir -p "$cfg/certs" "$cfg/config"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
   -addext subjectAltName=DNS:localhost -keyout "$cfg/certs/example.key" -out "$cfg/certs/example.pem" 2>/dev/null
-cp config/streamgate.toml "$cfg/streamgate.toml"
+cp config/streamgate.toml config/jwks.example.json "$cfg/config/"
 chmod -R a+rX "$cfg"
-"${podman_run[@]}" -v "$cfg:/etc/streamgate:ro" localhost/streamgate:ci check
+"${podman_run[@]}" -v "$cfg/config:/etc/streamgate/config:ro" -v "$cfg/certs:/etc/streamgate/certs:ro" \
+  localhost/streamgate:ci check
+
+log "the README's docker run line, on certificates made by certs/README.md's commands"
+work=$(mktemp -d)
+trap 'rm -rf "$ctx" "$cfg" "$work"' EXIT
+cp -r config "$work/config"
+mkdir -p "$work/bin" && cp "$bin" "$work/bin/streamgate"
+# certs/README.md's local CA block, as written (its last line runs `streamgate check`).
+awk '/^## A local CA for testing/{on=1} on && /^```sh/{grab=1; next} grab && /^```/{exit} grab' certs/README.md \
+  > "$work/make-certs.sh"
+(cd "$work" && PATH="$work/bin:$PATH" bash -euo pipefail make-certs.sh)
+[ "$(stat -c %a "$work/certs/example.key")" = 600 ] || { echo "the key is not mode 0600"; exit 1; }
+[ ! -e "$work/certs/ca.key" ] || { echo "the CA key is in the mounted folder"; exit 1; }
+# The README's `docker run` for your own config: the block with --user in it.
+awk '/^## Docker/{on=1} on && /^```sh/{grab=1; block=""; next} grab && /^```/{grab=0; if (block ~ /--user/) {printf "%s", block; exit}} grab {block = block $0 "\n"}' README.md \
+  > "$work/run.sh"
+cat "$work/run.sh"
+grep -q -- '-v "$PWD/config:' "$work/run.sh" || { echo "README has no docker run line for a config"; exit 1; }
+# docker -> podman (with this sandbox's flags, detached), the image -> the one just built.
+sed -i -E "s#^docker run --rm#podman ${store[*]} --runtime runc --cgroup-manager cgroupfs run -d --name streamgate-ci --network host ${limits[*]}#; s#^( *)streamgate\$#\1localhost/streamgate:ci#" "$work/run.sh"
+podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs rm -f streamgate-ci >/dev/null 2>&1 || true
+(cd "$work" && bash -euo pipefail run.sh)
+readme_cleanup() { podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs rm -f streamgate-ci >/dev/null 2>&1 || true; rm -rf "$ctx" "$cfg" "$work"; }
+trap readme_cleanup EXIT
+answered=""
+for _ in $(seq 1 50); do
+  # The example config's backends are not running here: any answer from the gateway itself
+  # (a 502 naming the route) proves TLS with the mounted certificate and config.
+  if out=$(curl -s --max-time 2 --cacert "$work/ca/ca.pem" https://localhost:8443/ 2>&1) \
+     && grep -q 'streamgate' <<<"$out"; then answered=1; break; fi
+  sleep 0.2
+done
+if [ -z "$answered" ]; then
+  podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs logs streamgate-ci || true
+  echo "the README's docker run did not answer on https://localhost:8443/: $out"; exit 1
+fi
+echo "answered, verified against the local CA: $out"
+# The image's HEALTHCHECK command asks the running gateway (its control socket in /tmp).
+podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs exec streamgate-ci /usr/local/bin/streamgate health
+echo "streamgate health: the running gateway answers"
+podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs rm -f streamgate-ci >/dev/null
 
 log "demo answers over TLS"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cid=$(podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs run -d --network host "${limits[@]}" \
   localhost/streamgate:ci demo --listen "127.0.0.1:$port")
-cleanup() { podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs rm -f "$cid" >/dev/null 2>&1 || true; rm -rf "$ctx" "$cfg"; }
+cleanup() { podman "${store[@]}" --runtime runc --cgroup-manager cgroupfs rm -f "$cid" >/dev/null 2>&1 || true; rm -rf "$ctx" "$cfg" "$work"; }
 trap cleanup EXIT
 ok=""
 for _ in $(seq 1 50); do

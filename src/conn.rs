@@ -109,6 +109,14 @@ impl ConnContext {
         let span = tracing::Span::current();
         span.record("sni", sni.as_deref().unwrap_or("-"));
         span.record("alpn", alpn.as_deref().unwrap_or("-"));
+        if alpn.as_deref().map(str::as_bytes) == Some(crate::acme::ACME_TLS_ALPN) {
+            // RFC 8737 3: an ACME tls-alpn-01 validation; the handshake was the answer. Never
+            // served as HTTP.
+            tracing::debug!("acme tls-alpn-01 validation answered");
+            let mut tls = tls;
+            let _ = tokio::time::timeout(self.limits.tls_handshake_timeout, tls.shutdown()).await;
+            return;
+        }
         // The protocol ALPN chose is the protocol spoken (RFC 7301 3.2; RFC 9113 3.2).
         let proto = match alpn.as_deref() {
             Some("h2") => Proto::H2,
@@ -120,6 +128,17 @@ impl ConnContext {
             peer,
             listener: "https",
             tls: true,
+            tls_version: match session.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
+                Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
+                _ => None,
+            },
+            // Only a certificate that verified against `listen.client_ca` gets this far.
+            client_cert: session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| crate::auth::ClientCert::from_der(leaf))
+                .map(Arc::new),
             permit: slot,
             admitted,
         };
@@ -143,6 +162,8 @@ impl ConnContext {
             peer,
             listener: "http",
             tls: false,
+            tls_version: None,
+            client_cert: None,
             permit: slot,
             admitted,
         };
@@ -255,11 +276,14 @@ impl ConnContext {
             client: accepted.admitted.client,
             forwarded_trusted: accepted.admitted.forwarded_trusted,
             tls: accepted.tls,
+            tls_version: accepted.tls_version,
+            client_cert: accepted.client_cert.clone(),
             slot: self.slot(accepted, h2),
             activity: activity.clone(),
             write_stall: write_stall.clone(),
         };
         let gateway = self.gateway.clone();
+        let refused = (conn.id, conn.client, conn.tls_version);
         // HTTP/2 streams run in tasks of their own: carry the connection's span into them.
         let span = tracing::Span::current();
         let service = service_fn(move |req| {
@@ -271,12 +295,31 @@ impl ConnContext {
         let io = TokioIo::new(io);
         if h2 {
             let served = self.h2.serve_connection(io, service);
-            self.drive(served, |c| c.graceful_shutdown(), &activity, &write_stall)
-                .await
+            let _ = self
+                .drive(served, |c| c.graceful_shutdown(), &activity, &write_stall)
+                .await;
         } else {
             let served = self.h1.serve_connection(io, service).with_upgrades();
-            self.drive(served, |c| c.graceful_shutdown(), &activity, &write_stall)
-                .await
+            let result = self
+                .drive(served, |c| c.graceful_shutdown(), &activity, &write_stall)
+                .await;
+            // hyper answers a request head it cannot parse itself (RFC 9110 15.5.1, RFC 6585
+            // 5), before the gateway sees a request: its access line is written here, with
+            // the status hyper chose (a URI too long gets 414 from hyper, counted as 431 here:
+            // hyper's error does not tell the two apart).
+            if let Err(e) = result {
+                let status = if e.is_parse_too_large() {
+                    Some((431, "request head too large"))
+                } else if e.is_parse() && !e.is_parse_version_h2() && !e.is_parse_status() {
+                    Some((400, "malformed request head"))
+                } else {
+                    None
+                };
+                if let Some((status, reason)) = status {
+                    let (id, client, tls) = refused;
+                    crate::proxy::access::refused_by_hyper(id, client, tls, status, reason);
+                }
+            }
         }
     }
 
@@ -311,7 +354,8 @@ impl ConnContext {
         graceful_shutdown: fn(Pin<&mut C>),
         activity: &Activity,
         write_stall: &crate::stall::WriteStall,
-    ) where
+    ) -> hyper::Result<()>
+    where
         C: Future<Output = hyper::Result<()>>,
     {
         tokio::pin!(served);
@@ -343,9 +387,10 @@ impl ConnContext {
                 }
             }
         };
-        if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::debug!(error = %e, "connection ended with an error");
         }
+        result
     }
 }
 
@@ -355,6 +400,9 @@ struct Accepted {
     peer: SocketAddr,
     listener: &'static str,
     tls: bool,
+    tls_version: Option<&'static str>,
+    /// The verified client certificate (`listen.client_ca`).
+    client_cert: Option<Arc<crate::auth::ClientCert>>,
     permit: OwnedSemaphorePermit,
     admitted: Admitted,
 }

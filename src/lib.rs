@@ -2,12 +2,15 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML file, parsed and validated into [`config::Config`].
-//! - [`tls`]: certificates, SNI selection, the rustls server config.
+//! - [`tls`]: certificates, SNI selection, the rustls server config; [`acme`]: certificates
+//!   ordered and renewed from an ACME CA (`[acme]`), swapped into the same store.
 //! - [`listener`]: accept loops and the connection cap; [`conn`]: one client connection
 //!   (PROXY protocol via [`proxy_protocol`], per-address limits via [`limiter`], writes
 //!   watched by [`stall`]).
 //! - [`trust`]: who the client is (trusted proxies, X-Forwarded-*).
 //! - [`router`]: the route table.
+//! - [`auth`]: edge access control: client certificates, JWTs (keys from a JWKS file or
+//!   URL), forward auth.
 //! - [`upstream`]: each route's backends: balancing policies, the keep-alive pool (driven by
 //!   the request's own task), active health checks, passive ejection and DNS discovery.
 //! - [`proxy`]: the request path (the facts of a request in `proxy::request`, forwarding,
@@ -19,8 +22,8 @@
 //! # Request flow
 //! accept ([`listener`]) -> PROXY header and per-address limit, TLS handshake under a
 //! deadline ([`conn`]) -> hyper h1 or h2 as ALPN chose -> [`proxy::Gateway::handle`] (client
-//! address, host and target checks) -> [`router::Router::find`] -> rate limit ->
-//! [`proxy::forward`] ->
+//! address, host and target checks) -> [`router::Router::find`] -> rate limit -> access
+//! control ([`auth`]) -> [`proxy::forward`] ->
 //! [`upstream::Upstream::pick`] (policy, health) -> [`upstream::pool`] connection, polled by
 //! this request's task -> the backend's response, streamed back frame by frame; a try that
 //! could not have had any effect goes to another backend.
@@ -28,13 +31,17 @@
 //! [`Server`] is what `main` runs and what the integration tests drive: bound listeners, a
 //! validated config, loaded certificates and a shutdown future.
 
+pub mod acme;
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod demo;
 pub mod drain;
 pub mod limiter;
 pub mod listener;
+pub mod log;
 pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
@@ -113,6 +120,8 @@ pub struct Server {
     config: Config,
     listeners: Listeners,
     admin: Option<TcpListener>,
+    /// The control socket (`listen.control_socket`), bound by the caller.
+    control: Option<control::ControlSocket>,
     gateway: Arc<Gateway>,
     certs: Arc<CertStore>,
     tls: Arc<rustls::ServerConfig>,
@@ -122,6 +131,8 @@ pub struct Server {
     hangup: Option<tokio::signal::unix::Signal>,
     /// What routes need to build their backends; a reload builds with it too.
     fleet: upstream::UpstreamContext,
+    /// `[acme]`: orders and renews certificates while the gateway runs.
+    acme: Option<Arc<acme::Acme>>,
 }
 
 impl Server {
@@ -130,13 +141,27 @@ impl Server {
         certs: &[LoadedCert],
         listeners: Listeners,
     ) -> Result<Server, TlsError> {
-        let store = Arc::new(CertStore::new(certs)?);
-        let tls = tls::server_config(store.clone())?;
+        // [acme] without [[cert]]: a self-signed default answers until certificates arrive.
+        let fallback = match (&config.acme, certs.is_empty()) {
+            (Some(_), true) => Some(acme_fallback(&config, certs)?),
+            _ => None,
+        };
+        let store = Arc::new(CertStore::with_fallback(certs, fallback)?);
+        let tls = tls::server_config(store.clone(), &config.listen)?;
         let https_port = config
             .listen
             .public_https_port
             .unwrap_or_else(|| listeners.https.local_addr().map_or(443, |a| a.port()));
         let metrics = Arc::new(Metrics::new());
+        store.report_expiry(metrics.certificate_expiry.clone());
+        let acme = match &config.acme {
+            Some(a) => {
+                let names = config.acme_names(certs.iter().flat_map(|c| &c.names));
+                let acme = acme::Acme::new(a, names, store.clone()).map_err(TlsError::from)?;
+                (!acme.names().is_empty()).then(|| Arc::new(acme))
+            }
+            None => None,
+        };
         let drain = Drain::new();
         let fleet = upstream::UpstreamContext {
             metrics: metrics.clone(),
@@ -146,17 +171,16 @@ impl Server {
         };
         let router = Router::new(&config.routes, &fleet, None);
         log_startup(&config, certs, &listeners, &router);
-        let gateway = Arc::new(Gateway::new(
-            router,
-            &config.listen,
-            https_port,
-            drain.clone(),
-            metrics,
-        ));
+        let gateway = Arc::new(
+            Gateway::new(router, &config.listen, https_port, drain.clone(), metrics)
+                .with_acme(store.challenges()),
+        );
+        gateway.set_log_query(config.log.query);
         Ok(Server {
             config,
             listeners,
             admin: None,
+            control: None,
             gateway,
             certs: store,
             tls,
@@ -165,12 +189,19 @@ impl Server {
             reloader: None,
             hangup: None,
             fleet,
+            acme,
         })
     }
 
     /// Serves `/healthz`, `/readyz` and `/metrics` on `listener`.
     pub fn with_admin(mut self, listener: TcpListener) -> Server {
         self.admin = Some(listener);
+        self
+    }
+
+    /// Answers `/healthz` and `/readyz` on the control socket (removed when the server ends).
+    pub fn with_control(mut self, socket: control::ControlSocket) -> Server {
+        self.control = Some(socket);
         self
     }
 
@@ -232,8 +263,17 @@ impl Server {
             }
             tokio::spawn(admin::serve(l, self.gateway.clone(), self.ready.clone()))
         });
+        // Like the admin listener, the control socket answers until the end.
+        let control = self.control.map(|socket| {
+            tracing::info!(path = %socket.path().display(), "control socket listening: /healthz /readyz");
+            let (listener, file) = socket.split();
+            (tokio::spawn(control::serve(listener, self.ready.clone())), file)
+        });
         if let Some(reloader) = &self.reloader {
             tokio::spawn(reloader.clone().watch(self.hangup, self.drain.clone()));
+        }
+        if let Some(acme) = &self.acme {
+            self.drain.spawn(acme.clone().run(self.drain.clone()));
         }
 
         shutdown.await;
@@ -262,6 +302,9 @@ impl Server {
         if let Some(admin) = admin {
             admin.abort();
         }
+        if let Some((control, _file)) = control {
+            control.abort();
+        }
         tracing::info!("shutdown complete");
     }
 }
@@ -277,6 +320,19 @@ pub async fn serve(
         .run(shutdown)
         .await;
     Ok(())
+}
+
+/// The default certificate of an `[acme]`-only gateway, until (and for clients without SNI
+/// after) its certificates arrive: self-signed for the names to certify, made in memory.
+fn acme_fallback(config: &Config, certs: &[LoadedCert]) -> Result<LoadedCert, TlsError> {
+    let names = config.acme_names(certs.iter().flat_map(|c| &c.names));
+    let names: Vec<&str> = match names.is_empty() {
+        true => vec!["streamgate.invalid"],
+        false => names.iter().map(String::as_str).collect(),
+    };
+    let (mut cert, _) = tls::self_signed(&names)?;
+    cert.source = "self-signed fallback (in memory, until ACME certificates arrive)".to_string();
+    Ok(cert)
 }
 
 /// The DNS resolver for `discover = "dns"` backends, when a route has one. A resolver that
@@ -308,7 +364,10 @@ fn log_startup(config: &Config, certs: &[LoadedCert], listeners: &Listeners, rou
     for c in certs {
         c.log();
     }
-    for w in config.uncovered_hosts(certs.iter().flat_map(|c| &c.names)) {
+    // Names [acme] is obtaining count as covered.
+    let mut named: Vec<String> = certs.iter().flat_map(|c| c.names.clone()).collect();
+    named.extend(config.acme_names(&named));
+    for w in config.uncovered_hosts(&named) {
         tracing::warn!(index = w.route, host = %w.host, "route host is not covered by any certificate: clients will see a name mismatch");
     }
     for r in router.routes() {

@@ -31,19 +31,25 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// Log format: pretty for people, json for collectors. Default: pretty on a terminal,
-    /// json otherwise. The level comes from RUST_LOG (default info).
+    /// Log format of the main log: pretty for people, json for collectors. Default: `[log]
+    /// format`, else pretty on a terminal and json otherwise. The level comes from RUST_LOG
+    /// (default info). The access log follows `[log] format` first, then this.
     #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormat>,
 
-    /// The config file.
-    #[arg(
-        long,
-        global = true,
-        env = "STREAMGATE_CONFIG",
-        default_value = "config/streamgate.toml"
-    )]
-    config: PathBuf,
+    /// The config file. Default: config/streamgate.toml.
+    #[arg(long, env = "STREAMGATE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// Where the config is when neither `--config` nor STREAMGATE_CONFIG says.
+const DEFAULT_CONFIG: &str = "config/streamgate.toml";
+
+/// `--config` after the subcommand, else before it (or STREAMGATE_CONFIG), else the default.
+/// Not a global option: `demo` and `health` read no config, and their help says so by not
+/// offering one.
+fn config_path(own: Option<PathBuf>, top: Option<PathBuf>) -> PathBuf {
+    own.or(top).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -52,18 +58,35 @@ enum LogFormat {
     Json,
 }
 
+impl From<LogFormat> for streamgate::config::LogFormat {
+    fn from(f: LogFormat) -> Self {
+        match f {
+            LogFormat::Pretty => streamgate::config::LogFormat::Pretty,
+            LogFormat::Json => streamgate::config::LogFormat::Json,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Exit 0 if the gateway answers: GET /healthz on the admin listener when the config sets
-    /// one, else a TLS-port connect. For container HEALTHCHECKs, which have no shell or curl.
+    /// Exit 0 if the running gateway answers GET /healthz on its control socket (the config
+    /// file is not read). For container HEALTHCHECKs, which have no shell or curl.
     Health {
-        /// Check that a TLS listener accepts on this address instead (e.g. a demo's --listen).
+        /// The control socket. Default: $XDG_RUNTIME_DIR/streamgate.sock, else
+        /// /tmp/streamgate-<uid>.sock (where a gateway opens it unless its config says otherwise).
+        #[arg(long, env = "STREAMGATE_CONTROL_SOCKET")]
+        socket: Option<PathBuf>,
+        /// Check instead that a TLS listener accepts on this address (TCP connect).
         #[arg(long)]
         addr: Option<SocketAddr>,
     },
     /// Load and validate the config and certificates, print the route table, and exit
     /// (0 when valid, 2 with the reason on stderr when not).
-    Check,
+    Check {
+        /// The config file. Default: config/streamgate.toml.
+        #[arg(long, env = "STREAMGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Run a self-contained demo on https://localhost:8443: a self-signed certificate made at
     /// start-up, built-in backends, and a page at / that shows them working.
     Demo {
@@ -75,12 +98,18 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let format = cli.log_format.map(Into::into);
+    // The gateway's logging needs `[log]` from its config; the other commands log to stderr.
+    if cli.command.is_some() {
+        let defaults = streamgate::config::LogConfig::default();
+        // Cannot fail: only a log.access file can.
+        let _ = streamgate::log::init(format, &defaults);
+    }
     let result = match cli.command {
-        Some(Command::Health { addr }) => return health(&cli.config, addr),
-        Some(Command::Check) => check(&cli.config),
+        Some(Command::Health { socket, addr }) => return health(socket, addr),
+        Some(Command::Check { config }) => check(&config_path(config, cli.config)),
         Some(Command::Demo { listen }) => runtime(None).and_then(|rt| rt.block_on(demo(listen))),
-        None => run(&cli.config),
+        None => run(&config_path(None, cli.config), format),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -88,24 +117,6 @@ fn main() -> ExitCode {
             eprintln!("streamgate: {e:#}");
             ExitCode::from(2)
         }
-    }
-}
-
-fn init_logging(format: Option<LogFormat>) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
-        LogFormat::Pretty
-    } else {
-        LogFormat::Json
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().with_current_span(false).init(),
     }
 }
 
@@ -122,6 +133,16 @@ fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runt
         }
         None => tokio::runtime::Builder::new_multi_thread(),
     };
+    // Unset, tokio starts one worker per CPU the process may use, which std reads from the
+    // cgroup CPU quota in a container (a Kubernetes CPU limit), not the node's core count.
+    let (threads, from) = match worker_threads {
+        Some(n) => (n, "runtime.worker_threads"),
+        None => (
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "CPUs available (the cgroup CPU limit when there is one)",
+        ),
+    };
+    tracing::info!(worker_threads = threads, from, "runtime");
     builder
         .enable_all()
         .build()
@@ -155,7 +176,33 @@ fn check(path: &Path) -> anyhow::Result<()> {
             c.source, c.names, c.not_after
         );
     }
-    for w in config.uncovered_hosts(certs.iter().flat_map(|c| &c.names)) {
+    if let Some(acme) = &config.acme {
+        // Offline: the cache is read, the CA is not asked.
+        println!(
+            "acme  {} ({}), cache {}",
+            acme.directory,
+            acme.challenge.name(),
+            acme.cache.display()
+        );
+        let cache = streamgate::acme::cache::Cache::new(acme);
+        for name in config.acme_names(certs.iter().flat_map(|c| &c.names)) {
+            match cache.cert(&name) {
+                Some(c) => {
+                    let expired = if c.expired { "  EXPIRED" } else { "" };
+                    println!(
+                        "cert  {}  names {:?}  until {}  (acme){expired}",
+                        c.source, c.names, c.not_after
+                    );
+                }
+                None => println!("cert  acme {name:?}: none cached, ordered at start-up"),
+            }
+        }
+    }
+    let mut named: Vec<String> = certs.iter().flat_map(|c| c.names.clone()).collect();
+    if config.acme.is_some() {
+        named.extend(config.acme_names(&named));
+    }
+    for w in config.uncovered_hosts(&named) {
         eprintln!("warning: {w}");
     }
     // A runtime of its own: building routes starts health checkers, and DNS names are looked up.
@@ -223,10 +270,21 @@ fn check(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(path: &Path) -> anyhow::Result<()> {
-    let (config, certs) = load(path)?;
+fn run(path: &Path, format: Option<streamgate::config::LogFormat>) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    // What loading logs (certificate warnings) goes to stderr: the global subscriber needs the
+    // config's [log].
+    let loading = tracing_subscriber::registry().with(streamgate::log::main_layer(format));
+    let (config, certs) = tracing::subscriber::with_default(loading, || load(path))?;
+    let access_file = streamgate::log::init(format, &config.log)
+        .context("cannot open the access log (log.access)")?;
     let rt = runtime(config.worker_threads)?;
     rt.block_on(async {
+        // Before anything listens, so a SIGUSR1 never meets the default action (exit).
+        let reopen =
+            streamgate::log::reopen_on_sigusr1(access_file).context("cannot listen for SIGUSR1")?;
+        tokio::spawn(reopen);
+        let control = open_control(&config.listen.control_socket, true)?;
         let listeners = Listeners::bind(&config.listen).await?;
         let admin = match config.listen.admin {
             Some(addr) => Some(
@@ -239,6 +297,9 @@ fn run(path: &Path) -> anyhow::Result<()> {
         let mut server = streamgate::Server::new(config, &certs, listeners)?.watch_config();
         if let Some(admin) = admin {
             server = server.with_admin(admin);
+        }
+        if let Some(control) = control {
+            server = server.with_control(control);
         }
         server.run(shutdown_then_force()).await;
         Ok(())
@@ -259,42 +320,61 @@ fn shutdown_then_force() -> impl std::future::Future<Output = ()> {
     }
 }
 
-fn health(path: &Path, addr: Option<SocketAddr>) -> ExitCode {
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
+/// The control socket `listen.control_socket` names. One the file sets (or
+/// `STREAMGATE_CONTROL_SOCKET` names) must open when `strict`; the default one is a warning.
+fn open_control(
+    socket: &streamgate::config::ControlSocket,
+    strict: bool,
+) -> anyhow::Result<Option<streamgate::control::ControlSocket>> {
+    use streamgate::config::ControlSocket;
+    let (path, required) = match socket {
+        ControlSocket::Off => return Ok(None),
+        ControlSocket::Default(path) => (path, false),
+        ControlSocket::At(path) => (path, strict),
+    };
+    match streamgate::control::ControlSocket::bind(path) {
+        Ok(socket) => Ok(Some(socket)),
+        Err(e) if required => Err(e.into()),
+        Err(e) => {
+            tracing::warn!(
+                error = %streamgate::proxy::error::error_chain(&e),
+                "no control socket: `streamgate health` cannot reach this gateway (set listen.control_socket)"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Asks the running gateway, never the config file: a file edited (or broken) since the
+/// gateway started says nothing about the process that is running.
+fn health(socket: Option<PathBuf>, addr: Option<SocketAddr>) -> ExitCode {
     use std::time::Duration;
     let timeout = Duration::from_secs(3);
-    // The demo has no config file: then its default TLS port is what must answer.
-    let config = Config::load(path).ok();
-    let admin = if addr.is_some() {
-        None
-    } else {
-        config.as_ref().and_then(|c| c.listen.admin)
-    };
-    let result = match admin {
-        Some(admin) => (|| -> std::io::Result<bool> {
-            let mut s = TcpStream::connect_timeout(&local(admin), timeout)?;
-            s.set_read_timeout(Some(timeout))?;
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-            let mut head = [0u8; 12];
-            s.read_exact(&mut head)?;
-            Ok(head.starts_with(b"HTTP/1.1 200"))
-        })(),
-        None => {
-            let https = addr
-                .or(config.map(|c| c.listen.https))
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8443)));
-            TcpStream::connect_timeout(&local(https), timeout).map(|_| true)
-        }
-    };
-    match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("streamgate: unhealthy: /healthz did not answer 200");
+    if let Some(addr) = addr {
+        return match std::net::TcpStream::connect_timeout(&local(addr), timeout) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("streamgate: unhealthy: nothing accepts on {addr}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let path = socket.unwrap_or_else(streamgate::control::default_path);
+    match streamgate::control::ask_health(&path, timeout) {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!(
+                "streamgate: unhealthy: the gateway on {} answered {status} to /healthz",
+                path.display()
+            );
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("streamgate: unhealthy: {e}");
+            eprintln!(
+                "streamgate: unhealthy: no gateway answers on the control socket {}: {e} (is it running? --socket PATH or {} names another socket, --addr ADDR checks a TLS port)",
+                path.display(),
+                streamgate::control::SOCKET_ENV
+            );
             ExitCode::FAILURE
         }
     }
@@ -317,9 +397,13 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     println!(
         "(self-signed, made at start-up: your browser will ask you to accept it; curl needs -k)"
     );
-    streamgate::Server::new(demo.config, &demo.certs, demo.listeners)?
-        .run(shutdown_then_force())
-        .await;
+    // The demo opens its control socket if it can (`streamgate health` in the image).
+    let control = open_control(&demo.config.listen.control_socket, false)?;
+    let mut server = streamgate::Server::new(demo.config, &demo.certs, demo.listeners)?;
+    if let Some(control) = control {
+        server = server.with_control(control);
+    }
+    server.run(shutdown_then_force()).await;
     Ok(())
 }
 

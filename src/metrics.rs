@@ -67,6 +67,45 @@ pub struct BackendRequestLabels {
     pub code_class: &'static str,
 }
 
+/// `streamgate_auth_total`: one request's access-control outcome on a route.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    pub route: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertNameLabel {
+    pub name: String,
+}
+
+/// `streamgate_certificate_expiry_seconds{name}`: one series per certificate name (a DNS
+/// name, or the file for a certificate without one), for the certificate that name is served.
+#[derive(Clone, Debug, Default)]
+pub struct CertExpiry(Family<CertNameLabel, Gauge>);
+
+impl CertExpiry {
+    /// Replaces the series with those of `certs`, in the order the resolver prefers them.
+    pub fn set<'a>(&self, certs: impl Iterator<Item = &'a crate::tls::LoadedCert>) {
+        self.0.clear();
+        let mut seen = std::collections::HashSet::new();
+        for c in certs {
+            let names: Vec<&String> = if c.names.is_empty() {
+                vec![&c.source]
+            } else {
+                c.names.iter().collect()
+            };
+            for name in names {
+                if seen.insert(name.clone()) {
+                    self.0
+                        .get_or_create(&CertNameLabel { name: name.clone() })
+                        .set(c.not_after_unix);
+                }
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
@@ -104,6 +143,12 @@ pub struct Metrics {
     pub sse_resumes: Family<OutcomeLabels, Counter>,
     pub moved: Family<ReasonLabels, Counter>,
     pub admission_rejected: Family<RouteLabel, Counter>,
+    /// Each certificate name's expiry (notAfter), Unix seconds: files and ACME alike.
+    pub certificate_expiry: CertExpiry,
+    /// Access-control outcomes by route and result (issue 14).
+    pub auth: Family<AuthLabels, Counter>,
+    /// WebSockets and streams ended because their token expired, by route and kind.
+    pub token_expired: Family<StreamLabels, Counter>,
     /// How many live backends use each label set: removed from the exposition at zero, so
     /// addresses that DNS no longer lists do not pile up.
     backend_users: std::sync::Mutex<std::collections::HashMap<RouteBackendLabels, usize>>,
@@ -138,6 +183,9 @@ impl Metrics {
             sse_resumes: Family::default(),
             moved: Family::default(),
             admission_rejected: Family::default(),
+            certificate_expiry: CertExpiry::default(),
+            auth: Family::default(),
+            token_expired: Family::default(),
             backend_users: Default::default(),
             registry: Registry::default(),
         };
@@ -232,9 +280,24 @@ impl Metrics {
             m.moved.clone(),
         );
         registry.register(
+            "certificate_expiry_seconds",
+            "Expiry (notAfter) of the certificate served for each name, Unix time in seconds; [[cert]] files and [acme] alike",
+            m.certificate_expiry.0.clone(),
+        );
+        registry.register(
             "admission_rejected",
             "WebSocket upgrades and event-stream requests refused (503) over max_new_streams_per_second, by route",
             m.admission_rejected.clone(),
+        );
+        registry.register(
+            "auth",
+            "Access-control outcomes by route and result: allowed, missing, invalid, expired, forbidden, forward_denied, forward_error",
+            m.auth.clone(),
+        );
+        registry.register(
+            "token_expired_connections",
+            "WebSockets (closed with 1008) and event streams ended because their token expired, by route and kind",
+            m.token_expired.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -90,6 +90,7 @@ impl Reloader {
         for c in &certs {
             c.log();
         }
+        self.gateway.set_log_query(config.log.query);
         if let Ok(mut running) = self.running.lock() {
             warn_restart_only(&running, &config);
             *running = config;
@@ -160,6 +161,20 @@ impl Reloader {
             hash_file(&c.cert, &mut h);
             hash_file(&c.key, &mut h);
         }
+        // JWKS files (`jwt_jwks`) are watched like certificates.
+        let jwks: Vec<PathBuf> = self
+            .running
+            .lock()
+            .map(|c| {
+                c.routes
+                    .iter()
+                    .filter_map(|r| Some(r.auth.as_ref()?.jwks_file()?.to_path_buf()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for path in &jwks {
+            hash_file(path, &mut h);
+        }
         h.finish()
     }
 }
@@ -195,5 +210,14 @@ fn warn_restart_only(old: &Config, new: &Config) {
     }
     if old.worker_threads != new.worker_threads {
         changed("runtime.worker_threads");
+    }
+    if old.log.access != new.log.access || old.log.format != new.log.format {
+        changed("log.access, log.format");
+    }
+    if old.listen.control_socket != new.listen.control_socket {
+        changed("listen.control_socket");
+    }
+    if old.acme != new.acme {
+        changed("acme");
     }
 }

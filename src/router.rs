@@ -27,6 +27,9 @@ pub struct Route {
     /// `max_new_streams_per_second`; carried over by a reload that keeps the same rate.
     pub stream_admission: Option<Arc<crate::limiter::RouteBucket>>,
     pub metrics: RouteMetrics,
+    /// `[route.auth]`: keys, the auth service's pool and counters; a fetched JWKS is carried
+    /// over by reloads that keep its URL.
+    pub auth: Option<Arc<crate::auth::RouteAuth>>,
     /// Where connect failures are counted, by backend.
     pub all_metrics: Arc<Metrics>,
 }
@@ -83,7 +86,12 @@ impl Route {
             ))),
             (_, None) => None,
         };
+        let auth = config.auth.as_ref().map(|a| {
+            let old = previous.and_then(|p| p.auth.as_deref());
+            Arc::new(crate::auth::RouteAuth::new(a, &name, &ctx.metrics, old))
+        });
         Route {
+            auth,
             rate_limiter,
             stream_admission,
             metrics: ctx.metrics.route(&name),

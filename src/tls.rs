@@ -51,6 +51,22 @@ pub enum TlsError {
     ParseCert { path: PathBuf, message: String },
     #[error("cannot build TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    #[error("{origin}: cannot read client CA bundle {path}")]
+    ClientCa {
+        origin: String,
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{origin}: unusable client CA bundle {path} (expected PEM CA certificates)")]
+    BadClientCa {
+        origin: String,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    Acme(#[from] crate::acme::AcmeError),
 }
 
 /// A loaded certificate with what the logs and `check` show about it.
@@ -61,6 +77,9 @@ pub struct LoadedCert {
     pub names: Vec<String>,
     pub not_after: String,
     pub expired: bool,
+    /// The validity period, Unix seconds (the expiry metric, ACME renewal).
+    pub not_before_unix: i64,
+    pub not_after_unix: i64,
     pub key: Arc<CertifiedKey>,
 }
 
@@ -151,7 +170,7 @@ pub fn certified(
             })
         }
     }
-    let (names, not_after, expired) =
+    let (names, not_after, expired, validity) =
         describe(&certified.cert[0]).map_err(|message| TlsError::ParseCert {
             path: PathBuf::from(source),
             message,
@@ -161,12 +180,16 @@ pub fn certified(
         names,
         not_after,
         expired,
+        not_before_unix: validity.0,
+        not_after_unix: validity.1,
         key: Arc::new(certified),
     })
 }
 
-/// DNS names, expiry date and whether it has passed, read from the leaf certificate.
-fn describe(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, String, bool), String> {
+/// DNS names, expiry date, whether it has passed, and the validity period in Unix seconds,
+/// read from the leaf certificate.
+#[allow(clippy::type_complexity)]
+fn describe(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, String, bool, (i64, i64)), String> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
     let mut names = Vec::new();
@@ -179,7 +202,11 @@ fn describe(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, String, bool), St
     }
     let not_after = cert.validity().not_after;
     let expired = !cert.validity().is_valid() && not_after.timestamp() < now_unix();
-    Ok((names, not_after.to_string(), expired))
+    let validity = (
+        cert.validity().not_before.timestamp(),
+        not_after.timestamp(),
+    );
+    Ok((names, not_after.to_string(), expired, validity))
 }
 
 fn now_unix() -> i64 {
@@ -202,6 +229,15 @@ impl SniResolver {
     /// `certs` must not be empty: config validation guarantees at least one `[[cert]]`.
     pub fn new(certs: &[LoadedCert]) -> Option<SniResolver> {
         let default = certs.first()?.key.clone();
+        Some(SniResolver::with_default(certs.iter(), default))
+    }
+
+    /// Certificates chosen by name from `certs` (the first to claim a name keeps it), and
+    /// `default` for the rest.
+    fn with_default<'a>(
+        certs: impl Iterator<Item = &'a LoadedCert>,
+        default: Arc<CertifiedKey>,
+    ) -> SniResolver {
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
         for c in certs {
@@ -216,11 +252,11 @@ impl SniResolver {
                 }
             }
         }
-        Some(SniResolver {
+        SniResolver {
             exact,
             wildcard,
             default,
-        })
+        }
     }
 
     fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
@@ -240,34 +276,125 @@ impl SniResolver {
     }
 }
 
-/// The certificates in use, swapped whole on reload: handshakes already done keep theirs, new
-/// handshakes see the new set at once.
+/// The certificates in use, swapped whole on reload or when an ACME certificate arrives:
+/// handshakes already done keep theirs, new handshakes see the new set at once.
 #[derive(Debug)]
 pub struct CertStore {
     current: arc_swap::ArcSwap<SniResolver>,
+    certs: std::sync::Mutex<Certs>,
+    /// Pending ACME tls-alpn-01 answers (RFC 8737), served to `acme-tls/1` handshakes.
+    challenges: Arc<crate::acme::Challenges>,
+    /// `streamgate_certificate_expiry_seconds`, rewritten with every change.
+    expiry: std::sync::Mutex<Option<crate::metrics::CertExpiry>>,
+}
+
+/// What the resolver is built from.
+#[derive(Debug, Default)]
+struct Certs {
+    /// The `[[cert]]` files, in config order; the first is the default.
+    files: Vec<LoadedCert>,
+    /// `[acme]` certificates by name.
+    acme: std::collections::BTreeMap<String, LoadedCert>,
+    /// The default when there is no `[[cert]]` (`[acme]` only): self-signed, in memory.
+    fallback: Option<LoadedCert>,
+}
+
+impl Certs {
+    fn resolver(&self) -> Result<SniResolver, TlsError> {
+        let default = self
+            .files
+            .first()
+            .or(self.fallback.as_ref())
+            .or(self.acme.values().next())
+            .ok_or(TlsError::Config(rustls::Error::General(
+                "no certificate configured".into(),
+            )))?;
+        let all = self.files.iter().chain(self.acme.values());
+        Ok(SniResolver::with_default(all, default.key.clone()))
+    }
 }
 
 impl CertStore {
     pub fn new(certs: &[LoadedCert]) -> Result<CertStore, TlsError> {
+        CertStore::with_fallback(certs, None)
+    }
+
+    /// Like [`CertStore::new`], with `fallback` as the default when `certs` is empty.
+    pub fn with_fallback(
+        certs: &[LoadedCert],
+        fallback: Option<LoadedCert>,
+    ) -> Result<CertStore, TlsError> {
+        let certs = Certs {
+            files: certs.to_vec(),
+            acme: Default::default(),
+            fallback,
+        };
         Ok(CertStore {
-            current: arc_swap::ArcSwap::from_pointee(resolver(certs)?),
+            current: arc_swap::ArcSwap::from_pointee(certs.resolver()?),
+            certs: std::sync::Mutex::new(certs),
+            challenges: Arc::default(),
+            expiry: Default::default(),
         })
     }
 
+    /// The `[[cert]]` files, read again (reload); ACME certificates stay.
     pub fn replace(&self, certs: &[LoadedCert]) -> Result<(), TlsError> {
-        self.current.store(Arc::new(resolver(certs)?));
+        self.update(|c| c.files = certs.to_vec())
+    }
+
+    /// Serves `cert` for `name` from now on (an ACME certificate, new or renewed).
+    pub fn set_acme(&self, name: &str, cert: LoadedCert) {
+        // Cannot fail: the new set has at least this certificate.
+        let _ = self.update(|c| {
+            c.acme.insert(name.to_string(), cert);
+        });
+    }
+
+    /// The ACME certificate served for `name`, if one is.
+    pub fn acme_cert(&self, name: &str) -> Option<LoadedCert> {
+        self.certs.lock().ok()?.acme.get(name).cloned()
+    }
+
+    /// Where pending tls-alpn-01 answers go.
+    pub fn challenges(&self) -> Arc<crate::acme::Challenges> {
+        self.challenges.clone()
+    }
+
+    /// Reports every certificate's expiry to `expiry` from now on.
+    pub fn report_expiry(&self, expiry: crate::metrics::CertExpiry) {
+        if let Ok(certs) = self.certs.lock() {
+            expiry.set(certs.files.iter().chain(certs.acme.values()));
+        }
+        if let Ok(mut slot) = self.expiry.lock() {
+            *slot = Some(expiry);
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Certs)) -> Result<(), TlsError> {
+        let Ok(mut certs) = self.certs.lock() else {
+            return Err(TlsError::Config(rustls::Error::General(
+                "certificate store lock poisoned".into(),
+            )));
+        };
+        change(&mut certs);
+        self.current.store(Arc::new(certs.resolver()?));
+        if let Some(expiry) = self.expiry.lock().ok().as_ref().and_then(|e| e.as_ref()) {
+            expiry.set(certs.files.iter().chain(certs.acme.values()));
+        }
         Ok(())
     }
 }
 
-fn resolver(certs: &[LoadedCert]) -> Result<SniResolver, TlsError> {
-    SniResolver::new(certs).ok_or(TlsError::Config(rustls::Error::General(
-        "no certificate configured".into(),
-    )))
-}
-
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme = crate::acme::ACME_TLS_ALPN;
+        if hello.alpn().is_some_and(|mut p| p.any(|p| p == acme)) {
+            // RFC 8737 3: an acme-tls/1 handshake gets the challenge certificate of a pending
+            // name, or nothing (the handshake fails); never a real certificate.
+            return hello
+                .server_name()
+                .and_then(|name| self.challenges.alpn_cert(name));
+        }
         Some(self.current.load().pick(hello.server_name()))
     }
 }
@@ -276,12 +403,26 @@ impl ResolvesServerCert for CertStore {
 /// TLS 1.2 sessions kept for resumption by ID (about 200 bytes each).
 const SESSION_CACHE: usize = 20_000;
 
-pub fn server_config(certs: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_cert_resolver(certs);
+pub fn server_config(
+    certs: Arc<CertStore>,
+    listen: &crate::config::Listen,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let versions: &[&rustls::SupportedProtocolVersion] = match listen.tls_min_version {
+        crate::config::TlsMinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        crate::config::TlsMinVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
+    let builder = match &listen.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => builder.with_client_cert_verifier(client_verifier(ca)?),
+    };
+    let mut config = builder.with_cert_resolver(certs);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Last, so only an ACME validation (which offers nothing else) selects it (RFC 8737 3).
+    config
+        .alpn_protocols
+        .push(crate::acme::ACME_TLS_ALPN.to_vec());
     // Resumption: after a deploy most clients that reconnect are returning ones, and a resumed
     // handshake skips the certificate signature. TLS 1.3 uses tickets, encrypted with keys
     // that rotate every 6 hours (kept in memory: a restart or another replica means a full
@@ -289,6 +430,40 @@ pub fn server_config(certs: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsErro
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
     Ok(Arc::new(config))
+}
+
+/// `listen.client_ca`: client certificates must chain to one of its CAs; with
+/// `client_auth = "optional"` a client may also send none (routes decide).
+fn client_verifier(
+    ca: &crate::config::ClientCa,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let read = |source| TlsError::ClientCa {
+        origin: ca.origin.clone(),
+        path: ca.path.clone(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(&ca.path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(read)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert).map_err(|source| TlsError::BadClientCa {
+            origin: ca.origin.clone(),
+            path: ca.path.clone(),
+            source: Box::new(source),
+        })?;
+    }
+    let builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    let builder = match ca.auth {
+        crate::config::ClientAuth::Optional => builder.allow_unauthenticated(),
+        crate::config::ClientAuth::Required => builder,
+    };
+    builder.build().map_err(|source| TlsError::BadClientCa {
+        origin: ca.origin.clone(),
+        path: ca.path.clone(),
+        source: Box::new(source),
+    })
 }
 
 /// A self-signed certificate for `names`, made in memory (the demo; tests make their own).

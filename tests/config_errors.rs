@@ -309,6 +309,9 @@ fn shipped_example_config_passes_check() {
     dir.cert("example", "example.com");
     fs::create_dir(dir.dir.path().join("config")).expect("create config dir");
     dir.write("config/streamgate.toml", &text);
+    // The example JWKS (public keys only) that a switched-on `jwt_jwks` names.
+    let jwks = fs::read_to_string(example.with_file_name("jwks.example.json")).expect("read JWKS");
+    dir.write("config/jwks.example.json", &jwks);
 
     let out = dir.run(|cmd| {
         cmd.args(["check", "--config", "config/streamgate.toml"]);
@@ -317,11 +320,20 @@ fn shipped_example_config_passes_check() {
     assert!(table.starts_with("config/streamgate.toml: ok\n"), "{table}");
     assert!(table.contains("-> http://127.0.0.1:"), "{table}");
 
-    // Its switched-off settings ("#key = value") must be real keys with valid values too.
+    // Its switched-off settings ("#key = value", and whole switched-off tables: "#[acme]",
+    // "#[[route]]") must be real keys with valid values too.
     let all_on: String = text
         .lines()
         .map(|line| match line.strip_prefix('#') {
-            Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase()) => rest,
+            Some(rest)
+                if rest.starts_with(|c: char| c.is_ascii_lowercase())
+                    || rest.starts_with("[[")
+                    || rest
+                        .strip_prefix('[')
+                        .is_some_and(|t| t.starts_with(|c: char| c.is_ascii_lowercase())) =>
+            {
+                rest
+            }
             _ => line,
         })
         .map(|line| format!("{line}\n"))

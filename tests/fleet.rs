@@ -48,17 +48,6 @@ fn ok_from(got: &Fetched, what: &str) -> String {
     served_by(&got.headers)
 }
 
-/// `GET target` with extra request headers, read whole.
-async fn get_with(client: &mut Client, target: &str, headers: &[(&str, &str)]) -> Fetched {
-    let mut req = client.request(Method::GET, target);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    client
-        .fetch(req.body(empty()).expect("valid request"))
-        .await
-}
-
 /// How many of `tags` are `name`.
 fn count(tags: &[String], name: &str) -> usize {
     tags.iter().filter(|t| *t == name).count()
@@ -597,7 +586,7 @@ async fn map_keys(gw: &TestGateway, proto: Proto, keys: &[String]) -> BTreeMap<S
     let mut client = gw.client(proto, "gw.test").await;
     let mut map = BTreeMap::new();
     for key in keys {
-        let got = get_with(&mut client, "/", &[("x-user", key.as_str())]).await;
+        let got = client.get_with("/", &[("x-user", key.as_str())]).await;
         map.insert(key.clone(), ok_from(&got, &format!("{proto} key {key}")));
     }
     map
@@ -803,7 +792,9 @@ async fn hash_on_a_query_or_cookie_value() {
                 "{proto}: room {value} stays put"
             );
             let cookie = format!("theme=dark; session={value}");
-            let got = get_with(&mut client, "/c/x", &[("cookie", cookie.as_str())]).await;
+            let got = client
+                .get_with("/c/x", &[("cookie", cookie.as_str())])
+                .await;
             let from = ok_from(&got, &format!("{proto} session {value}"));
             assert_eq!(
                 by_session.entry(value.clone()).or_insert(from.clone()),
@@ -862,12 +853,9 @@ async fn cookie_affinity_across_gets_and_a_websocket() {
         let before: Vec<usize> = fleet.iter().map(Tagged::requests).collect();
         let cookie = format!("theme=dark; sg_affinity={value}");
         for i in 0..10 {
-            let got = get_with(
-                &mut client,
-                &format!("/app/{i}"),
-                &[("cookie", cookie.as_str())],
-            )
-            .await;
+            let got = client
+                .get_with(&format!("/app/{i}"), &[("cookie", cookie.as_str())])
+                .await;
             assert_eq!(
                 ok_from(&got, &format!("{proto} GET {i}")),
                 home,
@@ -912,17 +900,16 @@ async fn cookie_affinity_across_gets_and_a_websocket() {
     let ws_value = affinity_cookie(&accepted, "sg_affinity", "/app");
     let mut client = gw.client(Proto::H1, "gw.test").await;
     let ws_cookie = format!("sg_affinity={ws_value}");
-    let got = get_with(
-        &mut client,
-        "/app/after-ws",
-        &[("cookie", ws_cookie.as_str())],
-    )
-    .await;
+    let got = client
+        .get_with("/app/after-ws", &[("cookie", ws_cookie.as_str())])
+        .await;
     assert_eq!(ok_from(&got, "GET with the WebSocket's cookie"), ws_home);
     ws.close().await;
 
     // A cookie that is not one of the gateway's is replaced.
-    let got = get_with(&mut client, "/app/x", &[("cookie", "sg_affinity=garbage")]).await;
+    let got = client
+        .get_with("/app/x", &[("cookie", "sg_affinity=garbage")])
+        .await;
     ok_from(&got, "GET with a forged cookie");
     let fresh = affinity_cookie(&got.headers, "sg_affinity", "/app");
     assert_ne!(fresh, "garbage");
@@ -936,24 +923,18 @@ async fn cookie_affinity_across_gets_and_a_websocket() {
     fleet[at].kill().await;
     for proto in Proto::ALL {
         let mut client = gw.client(proto, "gw.test").await;
-        let got = get_with(
-            &mut client,
-            "/app/after-kill",
-            &[("cookie", cookie.as_str())],
-        )
-        .await;
+        let got = client
+            .get_with("/app/after-kill", &[("cookie", cookie.as_str())])
+            .await;
         let moved = ok_from(&got, &format!("{proto}: GET after the kill"));
         assert_ne!(moved, home, "{proto}");
         let replaced = affinity_cookie(&got.headers, "sg_affinity", "/app");
         assert_ne!(replaced, value, "{proto}: the cookie is replaced");
         let next = format!("sg_affinity={replaced}");
         for i in 0..3 {
-            let got = get_with(
-                &mut client,
-                &format!("/app/{i}"),
-                &[("cookie", next.as_str())],
-            )
-            .await;
+            let got = client
+                .get_with(&format!("/app/{i}"), &[("cookie", next.as_str())])
+                .await;
             assert_eq!(
                 ok_from(&got, &format!("{proto} GET {i}")),
                 moved,
@@ -990,12 +971,9 @@ async fn affinity_cookie_name_and_path_follow_the_route() {
         let value = affinity_cookie(&got.headers, "pin", "/");
         let cookie = format!("pin={value}");
         for i in 0..5 {
-            let got = get_with(
-                &mut client,
-                &format!("/{i}"),
-                &[("cookie", cookie.as_str())],
-            )
-            .await;
+            let got = client
+                .get_with(&format!("/{i}"), &[("cookie", cookie.as_str())])
+                .await;
             assert_eq!(ok_from(&got, &format!("{proto} GET {i}")), home);
         }
     }
@@ -1006,7 +984,9 @@ async fn affinity_cookie_name_and_path_follow_the_route() {
     let home = ok_from(&got, "plain GET");
     let value = affinity_cookie_plain(&got.headers, "pin", "/");
     let cookie = format!("pin={value}");
-    let got = get_with(&mut client, "/plain/2", &[("cookie", cookie.as_str())]).await;
+    let got = client
+        .get_with("/plain/2", &[("cookie", cookie.as_str())])
+        .await;
     assert_eq!(ok_from(&got, "plain GET with the cookie"), home);
 }
 
@@ -1543,7 +1523,7 @@ async fn backends_json_matches_reality() {
     let (mut to_a, mut to_b) = (None, None);
     for i in 0..64 {
         let key = format!("k{i}");
-        let got = get_with(&mut client, "/live", &[("x-pin", key.as_str())]).await;
+        let got = client.get_with("/live", &[("x-pin", key.as_str())]).await;
         match ok_from(&got, &key).as_str() {
             "a" => to_a = to_a.or(Some(key)),
             _ => to_b = to_b.or(Some(key)),
@@ -1568,7 +1548,9 @@ async fn backends_json_matches_reality() {
     assert_eq!(stream.from, "b");
     let mut holder = gw.client(Proto::H1, "gw.test").await;
     let held = tokio::spawn(async move {
-        get_with(&mut holder, "/live/hold", &[("x-pin", to_b.as_str())]).await
+        holder
+            .get_with("/live/hold", &[("x-pin", to_b.as_str())])
+            .await
     });
     b.wait("the request to be held at b", |b| b.held() == 1)
         .await;

@@ -1,10 +1,15 @@
+mod access_log;
+mod acme;
+mod auth;
 mod config_errors;
 mod demo;
 mod discovery;
 mod fleet;
+mod health;
 mod http_proxy;
 mod integrity;
 mod listeners;
+mod mtls;
 mod operations;
 mod sse;
 mod streams;

@@ -1407,26 +1407,26 @@ async fn second_sigterm_during_a_long_drain_exits_at_once() {
     assert!(outcome.is_err(), "the held request was cut: {outcome:?}");
 }
 
-/// `streamgate health` exits 0 while the gateway's admin listener answers, non-zero when
-/// nothing listens there.
+/// `streamgate health` exits 0 while the gateway answers on its control socket, non-zero when
+/// nothing does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_command_exits_zero_for_a_running_gateway_and_non_zero_without_one() {
     let a = Backend::echo("A").await;
     let body = format!("[[route]]\npath = \"/\"\nbackends = [\"{}\"]\n", a.url());
     let mut gw = GatewayProcess::start(GatewayFiles::new(), &body).await;
-    let health = |config: std::path::PathBuf| async move {
+    let health = |socket: std::path::PathBuf| async move {
         tokio::task::spawn_blocking(move || {
             std::process::Command::new(env!("CARGO_BIN_EXE_streamgate"))
                 .arg("health")
-                .arg("--config")
-                .arg(config)
+                .arg("--socket")
+                .arg(socket)
                 .output()
                 .expect("run streamgate health")
         })
         .await
         .expect("no panic")
     };
-    let config = gw.files.config().to_path_buf();
+    let config = gw.files.control_socket();
     let up = within("streamgate health", health(config.clone())).await;
     assert!(
         up.status.success(),
@@ -1442,4 +1442,29 @@ async fn health_command_exits_zero_for_a_running_gateway_and_non_zero_without_on
         "and says why: {}",
         String::from_utf8_lossy(&down.stderr)
     );
+}
+
+/// Each subcommand's help offers what it uses: `demo` and `health` read no config file, so
+/// they offer no `--config`; `check` and the gateway itself do, before or after `check`.
+#[test]
+fn subcommand_help_offers_only_what_it_uses() {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_streamgate"))
+            .args(args)
+            .output()
+            .expect("run streamgate");
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let demo = help(&["demo", "--help"]);
+    assert!(demo.contains("--listen"), "{demo}");
+    assert!(!demo.contains("--config"), "demo reads no config: {demo}");
+    let health = help(&["health", "--help"]);
+    assert!(health.contains("--socket"), "{health}");
+    assert!(
+        !health.contains("--config"),
+        "health reads no config: {health}"
+    );
+    assert!(help(&["check", "--help"]).contains("--config"));
+    assert!(help(&["--help"]).contains("--config"));
 }

@@ -2,10 +2,15 @@
 //! (validated, typed; value ranges and checks between keys in [`validate`]). Every error names
 //! the file, the line and column, and the key.
 
+mod auth;
 mod raw;
 mod upstream;
 mod validate;
 
+pub use auth::{
+    AuthConfig, ClientAuth, ClientCa, ForwardAuthConfig, JwksSource, JwtConfig, TlsMinVersion,
+    TokenSource,
+};
 pub use validate::{UncoveredHost, MAX_DURATION};
 
 use std::net::SocketAddr;
@@ -29,8 +34,49 @@ pub struct Config {
     pub worker_threads: Option<usize>,
     pub shutdown: Shutdown,
     pub resolver: ResolverConfig,
+    /// `[log]`: the access log.
+    pub log: LogConfig,
     pub certs: Vec<CertFiles>,
     pub routes: Vec<RouteConfig>,
+    /// `[acme]`: certificates ordered from an ACME CA; `None` without the table.
+    pub acme: Option<AcmeConfig>,
+}
+
+/// `[acme]`: certificates from an ACME CA (RFC 8555) for names no `[[cert]]` covers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcmeConfig {
+    /// The CA's directory URL (https).
+    pub directory: String,
+    /// Contact for the account (`mailto:`), if any.
+    pub email: Option<String>,
+    /// Names to certify, lowercase; `None`: every exact route host. Either way the names a
+    /// `[[cert]]` covers are left out (see [`Config::acme_names`]).
+    pub domains: Option<Vec<String>>,
+    /// Account credentials and issued certificates, kept across restarts.
+    pub cache: PathBuf,
+    pub challenge: AcmeChallenge,
+    /// PEM certificates trusted for the directory's HTTPS, beside the public roots.
+    pub ca_roots: Option<PathBuf>,
+    /// `file:line:col: acme.ca_roots`, for errors reading the file at start-up.
+    pub ca_roots_origin: String,
+}
+
+/// How the CA checks that the gateway answers for a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// RFC 8737: a TLS handshake with ALPN `acme-tls/1` on the TLS listener.
+    TlsAlpn01,
+    /// RFC 8555 8.3: `GET /.well-known/acme-challenge/<token>` on the plain listener.
+    Http01,
+}
+
+impl AcmeChallenge {
+    pub fn name(self) -> &'static str {
+        match self {
+            AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
+            AcmeChallenge::Http01 => "http-01",
+        }
+    }
 }
 
 /// `[resolver]`: how `discover = "dns"` backends are looked up.
@@ -68,6 +114,63 @@ pub struct Listen {
     pub public_https_port: Option<u16>,
     /// Connections the kernel queues for each listener before they are accepted.
     pub backlog: u32,
+    /// `control_socket`: the Unix socket `streamgate health` asks.
+    pub control_socket: ControlSocket,
+    /// `tls_min_version`: "1.3" refuses TLS 1.2 handshakes.
+    pub tls_min_version: TlsMinVersion,
+    /// `hsts`: a `Strict-Transport-Security` value added to TLS responses that lack one.
+    pub hsts: Option<http::HeaderValue>,
+    /// `client_ca` and `client_auth`: the TLS listener asks for client certificates.
+    pub client_ca: Option<ClientCa>,
+}
+
+/// Where the control socket is (`listen.control_socket`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlSocket {
+    /// `"off"`.
+    Off,
+    /// Left out: [`crate::control::default_path`]; a gateway that cannot open it still runs.
+    Default(PathBuf),
+    /// Set in the file (or by `STREAMGATE_CONTROL_SOCKET`): a gateway that cannot open it
+    /// does not start.
+    At(PathBuf),
+}
+
+/// `[log]`: where access lines go and how they look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub access: AccessTarget,
+    /// None: pretty on a terminal, JSON otherwise.
+    pub format: Option<LogFormat>,
+    /// Log the query string (off: tokens of browser WebSockets and event streams live there).
+    pub query: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            access: AccessTarget::Stderr,
+            format: None,
+            query: false,
+        }
+    }
+}
+
+/// `log.access`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessTarget {
+    Stderr,
+    Stdout,
+    Off,
+    /// A file, appended to, opened again at its path on SIGUSR1 (logrotate).
+    File(PathBuf),
+}
+
+/// `log.format` (and `--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
 }
 
 /// What the plain-HTTP listener does with a request.
@@ -183,6 +286,10 @@ pub struct RouteConfig {
     pub rebalance: bool,
     /// WebSocket upgrades and event-stream requests admitted a second (burst: the same).
     pub max_new_streams_per_second: Option<u32>,
+    /// 403 without a verified client certificate (`listen.client_ca`).
+    pub require_client_cert: bool,
+    /// `[route.auth]`: tokens and forward auth.
+    pub auth: Option<AuthConfig>,
 }
 
 /// `[route.rate_limit]`.
@@ -473,6 +580,7 @@ impl Located<'_> {
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let edge = self.edge_tls(&raw.listen)?;
         let listen = Listen {
             https: self.addr("listen.https", &raw.listen.https)?,
             http: raw
@@ -516,6 +624,10 @@ impl Located<'_> {
                 .transpose()?
                 .map(|p| p as u16),
             backlog: self.int_or("listen.backlog", &raw.listen.backlog, 1..=65535, 1024)? as u32,
+            control_socket: self.control_socket(&raw.listen.control_socket)?,
+            tls_min_version: edge.0,
+            hsts: edge.1,
+            client_ca: edge.2,
         };
         self.listen_clashes(&raw.listen, &listen)?;
         if let (true, Some(p)) = (
@@ -618,11 +730,12 @@ impl Located<'_> {
         }
 
         let resolver = self.resolver(&raw.resolver)?;
+        let log = self.log(&raw.log)?;
 
-        if raw.cert.is_empty() {
-            return Err(
-                self.whole("no [[cert]]: the TLS listener needs at least one certificate and key")
-            );
+        if raw.cert.is_empty() && raw.acme.is_none() {
+            return Err(self.whole(
+                "no [[cert]]: the TLS listener needs at least one certificate and key, or [acme] to obtain them",
+            ));
         }
         let certs = raw
             .cert
@@ -648,6 +761,25 @@ impl Located<'_> {
             .map(|(i, r)| self.route(i, r))
             .collect::<Result<Vec<_>, _>>()?;
         self.duplicate_routes(&raw.route, &routes)?;
+        if listen.client_ca.is_none() {
+            let needs_ca = raw
+                .route
+                .iter()
+                .enumerate()
+                .find_map(|(i, r)| Some((i, r.get_ref().require_client_cert.as_ref()?)))
+                .filter(|(_, v)| *v.get_ref());
+            if let Some((i, v)) = needs_ca {
+                return Err(self.error(
+                    v.span(),
+                    format!("route[{i}].require_client_cert: needs listen.client_ca (the CA bundle client certificates are checked against)"),
+                ));
+            }
+        }
+        let acme = raw
+            .acme
+            .as_ref()
+            .map(|a| self.acme(a, &listen, raw.cert.is_empty(), &routes))
+            .transpose()?;
 
         Ok(Config {
             path: self.path.to_path_buf(),
@@ -656,8 +788,10 @@ impl Located<'_> {
             worker_threads,
             shutdown,
             resolver,
+            log,
             certs,
             routes,
+            acme,
         })
     }
 
@@ -827,6 +961,8 @@ impl Located<'_> {
                 .map(|v| self.int(&key("max_new_streams_per_second"), v, 1..=1_000_000))
                 .transpose()?
                 .map(|v| v as u32),
+            require_client_cert: r.require_client_cert.as_ref().is_some_and(|v| *v.get_ref()),
+            auth: r.auth.as_ref().map(|a| self.auth(&key, a)).transpose()?,
         })
     }
 }

@@ -19,9 +19,24 @@ pub struct RawConfig {
     #[serde(default)]
     pub resolver: RawResolver,
     #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
     pub cert: Vec<RawCert>,
     #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,
+    pub acme: Option<Spanned<RawAcme>>,
+}
+
+/// `[acme]`: certificates from an ACME CA (RFC 8555) for names no `[[cert]]` covers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    pub directory: Option<Text>,
+    pub email: Option<Text>,
+    pub domains: Option<Vec<Text>>,
+    pub cache: Option<Text>,
+    pub challenge: Option<Text>,
+    pub ca_roots: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +51,11 @@ pub struct RawListen {
     pub backlog: Option<Spanned<i64>>,
     #[serde(default)]
     pub proxy_protocol: Option<Spanned<bool>>,
+    pub control_socket: Option<Text>,
+    pub tls_min_version: Option<Text>,
+    pub hsts: Option<Text>,
+    pub client_ca: Option<Text>,
+    pub client_auth: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +77,15 @@ pub struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub struct RawRuntime {
     pub worker_threads: Option<Spanned<i64>>,
+}
+
+/// `[log]`: where the access log goes and what it shows.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub access: Option<Text>,
+    pub format: Option<Text>,
+    pub query: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +127,24 @@ pub struct RawRoute {
     pub max_new_streams_per_second: Option<Spanned<i64>>,
     pub websocket: Option<RawWebSocket>,
     pub sse: Option<RawSse>,
+    pub require_client_cert: Option<Spanned<bool>>,
+    pub auth: Option<Spanned<RawAuth>>,
+}
+
+/// `[route.auth]`: who may use the route (issue 14).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub jwt_jwks: Option<Text>,
+    pub jwt_jwks_url: Option<Text>,
+    pub jwt_issuer: Option<Text>,
+    pub jwt_audience: Option<Vec<Text>>,
+    pub jwt_leeway: Option<Text>,
+    pub token_from: Option<Vec<Text>>,
+    pub claims_to_headers: Option<Spanned<std::collections::BTreeMap<String, Text>>>,
+    pub forward_auth: Option<Text>,
+    pub forward_auth_headers: Option<Vec<Text>>,
+    pub end_at_expiry: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

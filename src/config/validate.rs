@@ -7,14 +7,80 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawListen, RawRateLimit, RawRoute, Text};
+use super::raw::{RawAcme, RawListen, RawRateLimit, RawRoute, Text};
 use super::{
-    Config, ConfigError, HostMatch, Listen, Located, RateKey, RateLimitConfig, RouteConfig,
+    AcmeChallenge, AcmeConfig, Config, ConfigError, HostMatch, Listen, Located, RateKey,
+    RateLimitConfig, RouteConfig,
 };
+
+/// Let's Encrypt's production directory: `acme.directory` when the key is left out.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// `acme.cache` when the key is left out.
+pub const ACME_CACHE: &str = "/var/lib/streamgate/acme";
 
 /// The longest duration any key accepts. Far beyond any sensible timeout, and far below what
 /// overflows when added to an `Instant` (humantime parses "300000000000y" without complaint).
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// `[log]` and `listen.control_socket`.
+impl Located<'_> {
+    pub(super) fn log(&self, raw: &super::raw::RawLog) -> Result<super::LogConfig, ConfigError> {
+        use super::{AccessTarget, LogFormat};
+        let access = match &raw.access {
+            None => AccessTarget::Stderr,
+            Some(v) => match v.get_ref().as_str() {
+                "stderr" => AccessTarget::Stderr,
+                "stdout" => AccessTarget::Stdout,
+                "off" => AccessTarget::Off,
+                "" => return Err(self.error(
+                    v.span(),
+                    "log.access: expected \"stderr\", \"stdout\", \"off\" or a file path, got \"\"",
+                )),
+                path => AccessTarget::File(std::path::PathBuf::from(path)),
+            },
+        };
+        let format = match &raw.format {
+            None => None,
+            Some(v) => Some(match v.get_ref().as_str() {
+                "json" => LogFormat::Json,
+                "pretty" => LogFormat::Pretty,
+                other => {
+                    return Err(self.error(
+                        v.span(),
+                        format!("log.format: expected \"json\" or \"pretty\", got {other:?}"),
+                    ))
+                }
+            }),
+        };
+        Ok(super::LogConfig {
+            access,
+            format,
+            query: raw.query.as_ref().is_some_and(|q| *q.get_ref()),
+        })
+    }
+
+    /// A path, or `"off"`; left out, the default path (see [`crate::control::default_path`]).
+    pub(super) fn control_socket(
+        &self,
+        raw: &Option<Text>,
+    ) -> Result<super::ControlSocket, ConfigError> {
+        use super::ControlSocket;
+        let Some(v) = raw else {
+            return Ok(match std::env::var_os(crate::control::SOCKET_ENV) {
+                Some(path) if !path.is_empty() => ControlSocket::At(path.into()),
+                _ => ControlSocket::Default(crate::control::default_path()),
+            });
+        };
+        match v.get_ref().as_str() {
+            "off" => Ok(ControlSocket::Off),
+            "" => Err(self.error(
+                v.span(),
+                "listen.control_socket: expected a path or \"off\", got \"\"",
+            )),
+            path => Ok(ControlSocket::At(path.into())),
+        }
+    }
+}
 
 impl Located<'_> {
     /// `listen.trusted_proxies`: networks (`10.0.0.0/8`) or single addresses.
@@ -43,6 +109,130 @@ impl Located<'_> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(crate::trust::TrustedProxies::new(nets))
+    }
+
+    /// `[acme]`. Reads nothing and contacts no one: `check` stays offline.
+    pub(super) fn acme(
+        &self,
+        raw: &Spanned<RawAcme>,
+        listen: &Listen,
+        no_certs: bool,
+        routes: &[RouteConfig],
+    ) -> Result<AcmeConfig, ConfigError> {
+        let a = raw.get_ref();
+        let directory = match &a.directory {
+            None => LETS_ENCRYPT.to_string(),
+            Some(d) => {
+                let uri: Option<http::Uri> = d.get_ref().parse().ok();
+                let https = uri.as_ref().is_some_and(|u| {
+                    u.scheme_str() == Some("https") && u.host().is_some_and(|h| !h.is_empty())
+                });
+                if !https {
+                    return Err(self.error(
+                        d.span(),
+                        format!(
+                            "acme.directory: expected an https URL such as \"{LETS_ENCRYPT}\", got {:?}",
+                            d.get_ref()
+                        ),
+                    ));
+                }
+                d.get_ref().clone()
+            }
+        };
+        let email = match &a.email {
+            None => None,
+            Some(e) => {
+                let v = e.get_ref().trim();
+                let valid = v.split_once('@').is_some_and(|(user, domain)| {
+                    !user.is_empty() && domain.contains('.') && !v.contains([' ', ',', '<', '>'])
+                });
+                if !valid {
+                    return Err(self.error(
+                        e.span(),
+                        format!(
+                            "acme.email: expected an address such as \"ops@example.com\", got {:?}",
+                            e.get_ref()
+                        ),
+                    ));
+                }
+                Some(v.to_string())
+            }
+        };
+        let domains = match &a.domains {
+            None => None,
+            Some(list) => Some(
+                list.iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        acme_name(d.get_ref()).map_err(|why| {
+                            self.error(
+                                d.span(),
+                                format!("acme.domains[{i}]: {why}, got {:?}", d.get_ref()),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        let challenge = match &a.challenge {
+            None => AcmeChallenge::TlsAlpn01,
+            Some(c) => match c.get_ref().as_str() {
+                "tls-alpn-01" => AcmeChallenge::TlsAlpn01,
+                "http-01" if listen.http.is_some() => AcmeChallenge::Http01,
+                "http-01" => {
+                    return Err(self.error(
+                        c.span(),
+                        "acme.challenge: \"http-01\" needs listen.http (the CA asks on port 80 of the plain listener)",
+                    ))
+                }
+                other => {
+                    return Err(self.error(
+                        c.span(),
+                        format!(
+                            "acme.challenge: expected \"tls-alpn-01\" or \"http-01\", got {other:?}"
+                        ),
+                    ))
+                }
+            },
+        };
+        let cache = match &a.cache {
+            None => std::path::PathBuf::from(ACME_CACHE),
+            Some(c) if c.get_ref().trim().is_empty() => {
+                return Err(self.error(
+                    c.span(),
+                    "acme.cache: expected a directory for the account key and certificates",
+                ))
+            }
+            Some(c) => std::path::PathBuf::from(c.get_ref()),
+        };
+        let (ca_roots, ca_roots_origin) = match &a.ca_roots {
+            None => (None, String::new()),
+            Some(r) => (
+                Some(std::path::PathBuf::from(r.get_ref())),
+                self.origin(r.span(), "acme.ca_roots"),
+            ),
+        };
+        let config = AcmeConfig {
+            directory,
+            email,
+            domains,
+            cache,
+            challenge,
+            ca_roots,
+            ca_roots_origin,
+        };
+        let exact_hosts = routes.iter().any(|r| matches!(r.host, HostMatch::Exact(_)));
+        let usable = match &config.domains {
+            Some(d) => !d.is_empty(),
+            None => exact_hosts,
+        };
+        if no_certs && !usable {
+            return Err(self.error(
+                raw.span(),
+                "acme: no names to certify and no [[cert]]: list them in acme.domains, give a route an exact host, or add a [[cert]]",
+            ));
+        }
+        Ok(config)
     }
 
     /// `[route.rate_limit]`.
@@ -368,6 +558,61 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The names `[acme]` obtains certificates for: `acme.domains`, else every exact route
+    /// host, less those that one of `cert_names` (the `[[cert]]` files' names) covers.
+    pub fn acme_names<'a>(&self, cert_names: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+        let Some(acme) = &self.acme else {
+            return Vec::new();
+        };
+        let names: Vec<&str> = cert_names.into_iter().map(String::as_str).collect();
+        let wanted: Vec<String> = match &acme.domains {
+            Some(d) => d.clone(),
+            None => self
+                .routes
+                .iter()
+                .filter_map(|r| match &r.host {
+                    HostMatch::Exact(h) => Some(h.clone()),
+                    HostMatch::Any | HostMatch::Wildcard(_) => None,
+                })
+                .collect(),
+        };
+        let mut out: Vec<String> = Vec::new();
+        for w in wanted {
+            if !names.iter().any(|n| covers(n, &w)) && !out.contains(&w) {
+                out.push(w);
+            }
+        }
+        out
+    }
+}
+
+/// An `acme.domains` entry: a DNS name (lowercase), not a wildcard and not an address.
+fn acme_name(given: &str) -> Result<String, &'static str> {
+    let name = given.trim().trim_end_matches('.').to_ascii_lowercase();
+    if name.starts_with("*.") {
+        return Err("wildcard names need the dns-01 challenge, which streamgate does not do");
+    }
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Err("expected a DNS name, not an address");
+    }
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !valid {
+        return Err("expected a DNS name such as \"chat.example.com\"");
+    }
+    Ok(name)
+}
+
 /// Whether a certificate name covers `host`: equal, or `*.suffix` with exactly one label before.
 fn covers(name: &str, host: &str) -> bool {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
@@ -432,5 +677,65 @@ mod tests {
         assert!(!covers("*.example.com", "example.com"));
         assert!(!covers("*.example.com", "a.chat.example.com"));
         assert!(!covers("example.com", "chat.example.com"));
+    }
+
+    #[test]
+    fn acme_is_validated_and_makes_cert_optional() {
+        let base = "[listen]\nhttps = \"127.0.0.1:8443\"\n\n[[route]]\nhost = \"chat.example.com\"\nbackends = [\"http://127.0.0.1:9000\"]\n";
+        let parse = |extra: &str| {
+            Config::parse(std::path::Path::new("sg.toml"), &format!("{base}{extra}"))
+                .map_err(|e| e.to_string())
+        };
+        let refused = |extra: &str| parse(extra).expect_err(extra);
+
+        assert!(refused("").contains("no [[cert]]"), "{}", refused(""));
+        let acme = parse("[acme]\n").expect("[acme] alone is a complete TLS setup");
+        assert_eq!(acme.acme_names([]), vec!["chat.example.com".to_string()]);
+        let covered = ["*.example.com".to_string()];
+        assert!(acme.acme_names(&covered).is_empty(), "a [[cert]] covers it");
+        let a = acme.acme.expect("[acme] parsed");
+        assert_eq!(a.directory, LETS_ENCRYPT);
+        assert_eq!(a.challenge, AcmeChallenge::TlsAlpn01);
+
+        let cases = [
+            (
+                "[acme]\ndirectory = \"http://ca.test/dir\"\n",
+                "sg.toml:8:13: acme.directory: expected an https URL",
+            ),
+            (
+                "[acme]\nchallenge = \"http-01\"\n",
+                "sg.toml:8:13: acme.challenge: \"http-01\" needs listen.http",
+            ),
+            (
+                "[acme]\nchallenge = \"dns-01\"\n",
+                "acme.challenge: expected \"tls-alpn-01\" or \"http-01\"",
+            ),
+            (
+                "[acme]\ndomains = [\"ok.test\", \"*.example.com\"]\n",
+                "sg.toml:8:23: acme.domains[1]: wildcard",
+            ),
+            (
+                "[acme]\ndomains = [\"a b\"]\n",
+                "acme.domains[0]: expected a DNS name",
+            ),
+            (
+                "[acme]\nemail = \"ops\"\n",
+                "acme.email: expected an address",
+            ),
+            (
+                "[acme]\ndomains = []\n",
+                "acme: no names to certify and no [[cert]]",
+            ),
+            ("[acme]\nstaging = true\n", "unknown field `staging`"),
+        ];
+        for (extra, want) in cases {
+            let got = refused(extra);
+            assert!(got.contains(want), "{extra}: {got}");
+        }
+        let explicit = parse("[acme]\ndomains = [\"Events.Example.com.\"]\n").expect("valid");
+        assert_eq!(
+            explicit.acme_names([]),
+            vec!["events.example.com".to_string()]
+        );
     }
 }

@@ -95,6 +95,8 @@ pub enum UpstreamBody {
         body: Option<Incoming>,
         /// The route's bytes-in counter.
         counted: Counter,
+        /// This request's, for its access line.
+        request: Option<Counter>,
     },
 }
 
@@ -103,19 +105,28 @@ pub type BodySlot = Arc<Mutex<Option<Incoming>>>;
 
 impl UpstreamBody {
     /// Wraps `body`; returns the slot to re-wrap it from after a refused connection.
-    pub fn new(body: Incoming, counted: &Counter) -> (UpstreamBody, Option<BodySlot>) {
+    pub fn new(
+        body: Incoming,
+        counted: &Counter,
+        request: Option<&Counter>,
+    ) -> (UpstreamBody, Option<BodySlot>) {
         if body.is_end_stream() {
             return (UpstreamBody::Empty, None);
         }
         let slot = Arc::new(Mutex::new(Some(body)));
-        (UpstreamBody::from_slot(&slot, counted), Some(slot))
+        (UpstreamBody::from_slot(&slot, counted, request), Some(slot))
     }
 
-    pub fn from_slot(slot: &BodySlot, counted: &Counter) -> UpstreamBody {
+    pub fn from_slot(
+        slot: &BodySlot,
+        counted: &Counter,
+        request: Option<&Counter>,
+    ) -> UpstreamBody {
         UpstreamBody::Client {
             slot: slot.clone(),
             body: None,
             counted: counted.clone(),
+            request: request.cloned(),
         }
     }
 
@@ -143,6 +154,7 @@ impl Body for UpstreamBody {
                 slot,
                 body,
                 counted,
+                request,
             } => {
                 if body.is_none() {
                     *body = slot.lock().ok().and_then(|mut s| s.take());
@@ -154,6 +166,9 @@ impl Body for UpstreamBody {
                 if let Poll::Ready(Some(Ok(frame))) = &polled {
                     if let Some(data) = frame.data_ref() {
                         counted.inc_by(data.len() as u64);
+                        if let Some(request) = request {
+                            request.inc_by(data.len() as u64);
+                        }
                     }
                 }
                 polled

@@ -69,6 +69,25 @@ pub enum ProxyError {
         backend: String,
         reason: String,
     },
+    /// `[route.auth]`: no token in any `token_from` place (401, `WWW-Authenticate: Bearer`).
+    #[error("route {route}: a token is required")]
+    TokenMissing { route: String },
+    #[error("route {route}: invalid token: {reason}")]
+    TokenInvalid { route: String, reason: &'static str },
+    #[error("route {route}: the token has expired")]
+    TokenExpired { route: String },
+    /// A valid token that is not for this route (`iss`, `aud`).
+    #[error("route {route}: token not accepted: {reason}")]
+    TokenForbidden { route: String, reason: &'static str },
+    #[error("route {route}: a verified client certificate is required")]
+    ClientCertRequired { route: String },
+    /// The forward-auth service could not be asked.
+    #[error("route {route}: auth service unavailable")]
+    AuthUnavailable {
+        route: String,
+        #[source]
+        source: BoxError,
+    },
 }
 
 /// `outer: inner: innermost`, for errors whose top layer alone says little ("client error").
@@ -93,7 +112,12 @@ impl ProxyError {
             ProxyError::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             ProxyError::UnsupportedWebSocketVersion { .. } => StatusCode::UPGRADE_REQUIRED,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::OriginForbidden { .. } => StatusCode::FORBIDDEN,
+            ProxyError::OriginForbidden { .. }
+            | ProxyError::TokenForbidden { .. }
+            | ProxyError::ClientCertRequired { .. } => StatusCode::FORBIDDEN,
+            ProxyError::TokenMissing { .. }
+            | ProxyError::TokenInvalid { .. }
+            | ProxyError::TokenExpired { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::BackendRefused { .. }
             | ProxyError::BackendFailed { .. }
             | ProxyError::BadUpstreamHandshake { .. } => StatusCode::BAD_GATEWAY,
@@ -103,7 +127,8 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::RouteFull { .. }
             | ProxyError::NoBackend { .. }
-            | ProxyError::StreamsLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::StreamsLimited { .. }
+            | ProxyError::AuthUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -224,6 +249,30 @@ mod tests {
                 ProxyError::StreamsLimited {
                     route: route(),
                     retry_after: 1,
+                },
+                503,
+            ),
+            (ProxyError::TokenMissing { route: route() }, 401),
+            (
+                ProxyError::TokenInvalid {
+                    route: route(),
+                    reason: "bad signature",
+                },
+                401,
+            ),
+            (ProxyError::TokenExpired { route: route() }, 401),
+            (
+                ProxyError::TokenForbidden {
+                    route: route(),
+                    reason: "wrong audience",
+                },
+                403,
+            ),
+            (ProxyError::ClientCertRequired { route: route() }, 403),
+            (
+                ProxyError::AuthUnavailable {
+                    route: route(),
+                    source: refused(),
                 },
                 503,
             ),

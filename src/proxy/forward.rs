@@ -33,6 +33,10 @@ pub async fn forward(
     entry: &mut AccessEntry,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    let expires_at = parts
+        .extensions
+        .get::<crate::auth::TokenExpiry>()
+        .map(|e| e.0);
     prepare_headers(&mut parts.headers, facts, conn);
     // `[route.sse] resume`: what it takes to open an event stream again elsewhere. Only a GET
     // can be sent again (EventSource only sends GETs).
@@ -46,7 +50,11 @@ pub async fn forward(
             })
         })
         .flatten();
-    let (body, slot) = UpstreamBody::new(body, &route.metrics.bytes_in);
+    if !http_body::Body::is_end_stream(&body) {
+        entry.request_bytes = Some(Default::default());
+    }
+    let (body, slot) =
+        UpstreamBody::new(body, &route.metrics.bytes_in, entry.request_bytes.as_ref());
     let sent = send(
         BackendRequest {
             route,
@@ -79,7 +87,8 @@ pub async fn forward(
     if is_event_stream(response.headers()) {
         // The gateway may add heartbeats and a retry hint: the length is no longer known.
         response.headers_mut().remove(header::CONTENT_LENGTH);
-        entry.stream = true;
+        // The stream writes the access line when it ends.
+        let line = entry.hand_off(super::access::Protocol::Sse, response.status().as_u16());
         let route = route.clone();
         let encoded = is_encoded(response.headers());
         if encoded {
@@ -92,7 +101,10 @@ pub async fn forward(
             );
         }
         return Ok(response.map(|body| {
-            GatewayBody::boxed(SseBody::new(body, route, conn.id, drain, encoded, again))
+            GatewayBody::boxed(
+                SseBody::new(body, route, conn.id, drain, encoded, again, line)
+                    .expiring(expires_at),
+            )
         }));
     }
     Ok(response.map(|body| GatewayBody::Upstream { body }))
@@ -145,6 +157,8 @@ pub(super) async fn send(
         upgrade,
     } = req;
     let path = backend_path(route, uri)?;
+    // Time to first byte: from the first try to the response head.
+    let began = std::time::Instant::now();
     let config = &route.config;
     let tries = 1 + config.retries as usize;
     let replayable =
@@ -193,7 +207,9 @@ pub(super) async fn send(
             }
         };
         let mut request = Request::new(body.take().unwrap_or_else(|| match &slot {
-            Some(slot) => UpstreamBody::from_slot(slot, &route.metrics.bytes_in),
+            Some(slot) => {
+                UpstreamBody::from_slot(slot, &route.metrics.bytes_in, entry.request_bytes.as_ref())
+            }
             None => UpstreamBody::Empty,
         }));
         *request.method_mut() = method.clone();
@@ -230,6 +246,7 @@ pub(super) async fn send(
                 })
             }
             Ok(Ok((response, connection))) => {
+                entry.upstream = Some(began.elapsed());
                 let status = response.status().as_u16();
                 backend.metrics.response(status);
                 if matches!(status, 502..=504) {
@@ -384,6 +401,8 @@ pub(super) fn prepare_headers(headers: &mut HeaderMap, facts: &RequestFacts, con
             headers.remove(header::HOST);
         }
     }
+    // Only the certificate this connection verified; a client's own header never passes.
+    crate::auth::set_client_cert(headers, conn.client_cert.as_deref());
     join_cookies(headers);
 }
 

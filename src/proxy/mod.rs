@@ -44,6 +44,8 @@ pub struct ConnInfo {
     pub forwarded_trusted: bool,
     /// Whether the request arrived on the TLS listener.
     pub tls: bool,
+    /// The TLS version the handshake settled on ("TLSv1.3"), for the access log.
+    pub tls_version: Option<&'static str>,
     /// The connection's place under `limits.max_connections` and in `open_connections`.
     /// WebSocket tunnels hold a clone, so an upgraded connection still counts after hyper has
     /// let go of it.
@@ -53,6 +55,8 @@ pub struct ConnInfo {
     /// Whether writes to the client proceed (`limits.write_stall_timeout`); WebSocket tunnels
     /// watch it after hyper has let go of the connection.
     pub write_stall: Arc<crate::stall::WriteStall>,
+    /// The client certificate the TLS handshake verified (`listen.client_ca`).
+    pub client_cert: Option<Arc<crate::auth::ClientCert>>,
 }
 
 /// The shared state every request sees: the route table and how the plain listener behaves.
@@ -66,6 +70,8 @@ pub struct Gateway {
     pub proxy_protocol: bool,
     /// Port of the TLS listener, for redirects from the plain one.
     https_port: u16,
+    /// `listen.hsts`: added to TLS responses that have no `Strict-Transport-Security`.
+    hsts: Option<HeaderValue>,
     /// WebSocket tunnels outlive their request: they are spawned here so shutdown sees them.
     drain: Drain,
     pub metrics: Arc<Metrics>,
@@ -73,6 +79,10 @@ pub struct Gateway {
     unrouted: Arc<RouteMetrics>,
     /// The latest failures on the backend side, newest last, for the dashboard.
     pub recent_errors: std::sync::Mutex<std::collections::VecDeque<RecentError>>,
+    /// `log.query`: access lines show the query string (reloadable).
+    log_query: std::sync::atomic::AtomicBool,
+    /// Pending ACME http-01 answers, served on the plain listener.
+    acme: Arc<crate::acme::Challenges>,
 }
 
 /// One failure the dashboard lists (what the client was told, not the backend's address).
@@ -96,7 +106,9 @@ impl Gateway {
         drain: Drain,
         metrics: Arc<Metrics>,
     ) -> Gateway {
+        start_auth(&router, &drain);
         Gateway {
+            hsts: listen.hsts.clone(),
             router: ArcSwap::from_pointee(router),
             http_mode: listen.http_mode,
             trusted: listen.trusted_proxies.clone(),
@@ -106,7 +118,21 @@ impl Gateway {
             unrouted: Arc::new(metrics.route("-")),
             metrics,
             recent_errors: Default::default(),
+            log_query: Default::default(),
+            acme: Arc::default(),
         }
+    }
+
+    /// Answers the ACME http-01 challenges pending in `challenges` on the plain listener.
+    pub fn with_acme(mut self, challenges: Arc<crate::acme::Challenges>) -> Gateway {
+        self.acme = challenges;
+        self
+    }
+
+    /// `log.query`: whether access lines show the query string, from the next request on.
+    pub fn set_log_query(&self, on: bool) {
+        self.log_query
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn router(&self) -> Arc<Router> {
@@ -115,6 +141,7 @@ impl Gateway {
 
     /// New requests use `router` from now on.
     pub fn replace_router(&self, router: Router) {
+        start_auth(&router, &self.drain);
         self.router.store(Arc::new(router));
     }
 
@@ -122,7 +149,7 @@ impl Gateway {
     /// and every response carries the access-log entry that is written when it is done.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         mut conn: ConnInfo,
     ) -> Result<Response<Logged>, Infallible> {
         if conn.forwarded_trusted {
@@ -137,6 +164,18 @@ impl Gateway {
         );
         entry.conn_id = conn.id;
         entry.active = Some(conn.activity.begin());
+        entry.client = conn.client;
+        entry.tls = conn.tls_version;
+        entry.protocol = match req.version() {
+            Version::HTTP_2 => access::Protocol::H2,
+            _ => access::Protocol::H1,
+        };
+        entry.user_agent = req.headers().get(header::USER_AGENT).cloned();
+        entry.query = self.log_query.load(std::sync::atomic::Ordering::Relaxed);
+        // One id for the log line, the backend and the client.
+        let request_id = request_id(req.headers(), conn.forwarded_trusted);
+        req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+        entry.request_id = Some(request_id.clone());
         let version = req.version();
         // Boxed: the routing future is a few KiB, and hyper moves the request future around
         // (into a task per HTTP/2 stream); a pointer moves cheaper than the state machine.
@@ -180,6 +219,14 @@ impl Gateway {
             }
         };
         entry.status = response.status().as_u16();
+        let mut response = response;
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
+        if let (true, Some(hsts)) = (conn.tls, &self.hsts) {
+            let headers = response.headers_mut();
+            if !headers.contains_key(header::STRICT_TRANSPORT_SECURITY) {
+                headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+            }
+        }
         Ok(response.map(|body| Logged::new(body, entry)))
     }
 
@@ -206,9 +253,21 @@ impl Gateway {
         conn: &ConnInfo,
         entry: &mut AccessEntry,
     ) -> Result<Response<GatewayBody>, ProxyError> {
+        // ACME http-01 (RFC 8555 8.3): before redirects and routes, on the plain listener.
+        if !conn.tls && req.method() == Method::GET {
+            if let Some(answer) = self.acme.http_answer(req.uri().path()) {
+                let mut response = Response::new(GatewayBody::full(answer));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                return Ok(response);
+            }
+        }
         // One host for routing, Host, X-Forwarded-Host and redirects (and the checks a route
         // boundary relies on), decided before anything reads them.
         let facts = RequestFacts::of(&req)?;
+        entry.host = facts.host_header.clone();
         let host = facts.host.as_deref();
         if !conn.tls && self.http_mode == HttpMode::Redirect {
             return self.redirect(&req, host);
@@ -227,7 +286,34 @@ impl Gateway {
             })?
             .clone();
         entry.route = Some(route.clone());
+        if let Some(auth) = &route.auth {
+            // A token in the query never reaches the access log, whatever happens next.
+            entry.uri = auth.log_target(req.uri());
+        }
         check_rate(&route, &req, conn)?;
+        let mut req = req;
+        if route.config.require_client_cert && conn.client_cert.is_none() {
+            crate::auth::count_forbidden(&route.all_metrics, &route.name);
+            entry.auth = Some("forbidden");
+            return Err(ProxyError::ClientCertRequired {
+                route: route.name.clone(),
+            });
+        }
+        if let Some(auth) = &route.auth {
+            let host = facts.host_header.as_ref();
+            match auth
+                .check(&mut req, &route.name, conn, host, &mut entry.auth)
+                .await?
+            {
+                crate::auth::Verdict::Answer(response) => {
+                    return Ok(response.map(GatewayBody::full));
+                }
+                crate::auth::Verdict::Pass(Some(at)) => {
+                    req.extensions_mut().insert(crate::auth::TokenExpiry(at));
+                }
+                crate::auth::Verdict::Pass(None) => {}
+            }
+        }
         if is_websocket || accepts_event_stream(req.headers()) {
             admit_stream(&route)?;
         }
@@ -256,6 +342,39 @@ impl Gateway {
         *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
         response.headers_mut().insert(header::LOCATION, location);
         Ok(response)
+    }
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request's id: a trusted proxy's `X-Request-Id` (visible ASCII, at most 128 bytes), else
+/// 128 random bits in hex. A client that is not trusted cannot choose the id its request is
+/// logged and forwarded under.
+fn request_id(headers: &http::HeaderMap, trusted: bool) -> HeaderValue {
+    if trusted {
+        if let Some(id) = headers.get(X_REQUEST_ID).filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+        }) {
+            return id.clone();
+        }
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = fastrand::u128(..);
+    let mut id = [0u8; 32];
+    for (i, c) in id.iter_mut().enumerate() {
+        *c = HEX[(bits >> (124 - 4 * i) & 0xf) as usize];
+    }
+    // Hex digits are valid header bytes.
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("-"))
+}
+
+/// Starts what routes with `[route.auth]` run in the background (JWKS URL refresh).
+fn start_auth(router: &Router, drain: &Drain) {
+    for route in router.routes() {
+        if let Some(auth) = &route.auth {
+            auth.start(drain);
+        }
     }
 }
 
@@ -349,6 +468,18 @@ pub fn error_response(error: &ProxyError) -> Response<GatewayBody> {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+    }
+    if matches!(
+        error,
+        ProxyError::TokenMissing { .. }
+            | ProxyError::TokenInvalid { .. }
+            | ProxyError::TokenExpired { .. }
+    ) {
+        // RFC 6750 3.1.
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
     }
     if let ProxyError::UnsupportedWebSocketVersion { .. } = error {
         // RFC 6455 4.4: the 426 names the version the gateway speaks.

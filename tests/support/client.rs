@@ -237,6 +237,15 @@ impl Client {
         self.fetch(req).await
     }
 
+    /// `GET target` with extra request headers, read whole.
+    pub async fn get_with(&mut self, target: &str, headers: &[(&str, &str)]) -> Fetched {
+        let mut req = self.request(Method::GET, target);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.fetch(req.body(empty()).expect("valid request")).await
+    }
+
     /// Waits until the gateway closes this connection.
     pub async fn closed(self) {
         let Client { sender, conn, .. } = self;

@@ -58,6 +58,17 @@ impl GatewayFiles {
         &self.config
     }
 
+    /// The gateway's control socket: each process gets its own, beside its config (through
+    /// `STREAMGATE_CONTROL_SOCKET`), so tests running at once never share one.
+    pub fn control_socket(&self) -> PathBuf {
+        control_socket(&self.config)
+    }
+
+    /// A path in the temp dir, for files a test has the gateway write (an access log).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.config.with_file_name(name)
+    }
+
     /// The config text: `listen` (lines of the `[listen]` table), the certificate, then `body`
     /// (`[shutdown]` and `[[route]]` tables).
     pub fn text(&self, listen: &str, body: &str) -> String {
@@ -294,12 +305,17 @@ type Spawned = (
     Arc<Mutex<Vec<String>>>,
 );
 
+fn control_socket(config: &Path) -> PathBuf {
+    config.with_file_name("control.sock")
+}
+
 fn spawn(config: &Path) -> Spawned {
     let mut child = Command::new(env!("CARGO_BIN_EXE_streamgate"))
         .arg("--config")
         .arg(config)
         .args(["--log-format", "json"])
         .env("RUST_LOG", "info")
+        .env("STREAMGATE_CONTROL_SOCKET", control_socket(config))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -17,6 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use super::access::AccessLine;
 use super::body::BoxError;
 use crate::config::SseConfig;
 use crate::drain::{Drain, LongLived};
@@ -48,6 +49,8 @@ enum Ending {
     ResumeFailed,
     /// A backend asked to take it over answered 204: the stream is over.
     Stopped,
+    /// The token the stream was opened with expired (`end_at_expiry`).
+    TokenExpired,
 }
 
 type Reopening = Pin<Box<dyn Future<Output = Result<Resumed, NotResumed>> + Send>>;
@@ -90,12 +93,16 @@ pub struct SseBody {
     held: Option<Held>,
     /// `max_connection_age`, jittered.
     age_at: Option<Instant>,
+    /// When the token the stream was opened with expires (`end_at_expiry`).
+    expires_at: Option<Instant>,
     resume: Option<Box<Resume>>,
     _long_lived: LongLived,
     ended: Option<Ending>,
     start: Instant,
     events: u64,
     bytes: u64,
+    /// The stream's access line, written when it is dropped.
+    line: AccessLine,
 }
 
 impl SseBody {
@@ -107,6 +114,7 @@ impl SseBody {
         drain: &Drain,
         encoded: bool,
         request: Option<StreamRequest>,
+        line: AccessLine,
     ) -> SseBody {
         let SseConfig {
             heartbeat,
@@ -145,12 +153,14 @@ impl SseBody {
             closing: None,
             encoded,
             age_at,
+            expires_at: None,
             resume,
             _long_lived: drain.long_lived(),
             ended: None,
             start: now,
             events: 0,
             bytes: 0,
+            line,
         }
     }
 
@@ -299,9 +309,21 @@ impl SseBody {
         }
     }
 
-    /// The next time the timer must look: heartbeat or idle check `base`, the age, the slot.
+    /// `end_at_expiry`: the stream ends at the first event boundary once the token it was
+    /// opened with has expired.
+    pub fn expiring(mut self, at: Option<std::time::Instant>) -> SseBody {
+        if let Some(at) = at {
+            self.expires_at = Some(Instant::from_std(at));
+            let next = self.wake_at(self.timer.deadline());
+            self.timer.as_mut().reset(next);
+        }
+        self
+    }
+
+    /// The next time the timer must look: heartbeat or idle check `base`, the age, the slot,
+    /// the token's expiry.
     fn wake_at(&self, base: Instant) -> Instant {
-        [self.age_at, self.spread_at]
+        [self.age_at, self.spread_at, self.expires_at]
             .into_iter()
             .flatten()
             .fold(base, Instant::min)
@@ -424,6 +446,15 @@ impl Body for SseBody {
                     return this.end(Ending::Shutdown);
                 }
             }
+            if this.expires_at.is_some_and(|at| at <= now) {
+                this.expires_at = None;
+                if this.closing.is_none() {
+                    this.closing = Some(Ending::TokenExpired);
+                }
+                if this.encoded || this.boundary.at_event_boundary() {
+                    return this.end(Ending::TokenExpired);
+                }
+            }
             if this.age_at.is_some_and(|at| at <= now) {
                 this.age_at = None;
                 this.start_move(MoveReason::Age);
@@ -475,27 +506,34 @@ impl Drop for SseBody {
             .metrics
             .sse_lifetime
             .observe(self.start.elapsed().as_secs_f64());
-        let ended_by = match self.ended {
-            None => "client",
-            Some(Ending::Backend) => "backend",
-            Some(Ending::BackendError) => "backend-error",
-            Some(Ending::Idle) => "idle-timeout",
-            Some(Ending::Shutdown) => "shutdown",
-            Some(Ending::Moved) => "moved",
-            Some(Ending::ResumeFailed) => "resume-failed",
-            Some(Ending::Stopped) => "backend-stopped",
+        // (side, reason) for the access line, which is written as `line` is dropped.
+        let (closed_by, reason) = match self.ended {
+            None => ("client", "client"),
+            Some(Ending::Backend) => ("backend", "backend"),
+            Some(Ending::BackendError) => ("backend", "backend-error"),
+            Some(Ending::Idle) => ("gateway", "idle-timeout"),
+            Some(Ending::Shutdown) => ("gateway", "shutdown"),
+            Some(Ending::Moved) => ("gateway", "moved"),
+            Some(Ending::ResumeFailed) => ("gateway", "resume-failed"),
+            Some(Ending::Stopped) => ("backend", "backend-stopped"),
+            Some(Ending::TokenExpired) => ("gateway", "token-expired"),
         };
-        tracing::info!(
-            target: "streamgate::access",
-            conn_id = self.conn_id,
-            route = %self.route.name,
-            duration_ms = self.start.elapsed().as_millis() as u64,
-            events = self.events,
-            bytes = self.bytes,
-            resumed = self.resume.as_ref().map_or(0, |r| r.count),
-            ended_by,
-            "event stream"
-        );
+        if self.ended == Some(Ending::TokenExpired) {
+            self.route
+                .all_metrics
+                .token_expired
+                .get_or_create(&crate::metrics::StreamLabels {
+                    route: self.route.name.clone(),
+                    kind: "sse",
+                })
+                .inc();
+        }
+        let line = &mut self.line;
+        line.closed_by = closed_by;
+        line.reason = reason;
+        line.complete = self.ended.is_some();
+        line.bytes_out = self.bytes;
+        line.events = Some(self.events);
     }
 }
 

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 use tracing::Instrument;
 
-use super::access::AccessEntry;
+use super::access::{AccessEntry, AccessLine};
 use super::body::{GatewayBody, UpstreamBody};
 use super::error::ProxyError;
 use super::forward::{prepare_headers, send, BackendRequest};
@@ -75,6 +75,10 @@ pub async fn bridge(
     // Must be taken before the response goes out (hyper's upgrade order).
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, _empty_body) = req.into_parts();
+    let expires_at = parts
+        .extensions
+        .get::<crate::auth::TokenExpiry>()
+        .map(|e| tokio::time::Instant::from_std(e.0));
     prepare_headers(&mut parts.headers, facts, conn);
     if route.config.websocket.max_message_size.is_some() {
         // The relay counts message sizes on the wire; a compressed message could inflate far
@@ -185,8 +189,8 @@ pub async fn bridge(
     if let Some(cookie) = cookie {
         reply.headers_mut().append(header::SET_COOKIE, cookie);
     }
-    // The tunnel's own access line reports its lifetime.
-    entry.stream = true;
+    // The tunnel writes the access line when it ends, with its lifetime, bytes and close.
+    let line = entry.hand_off(super::access::Protocol::Ws, reply.status().as_u16());
 
     let tunnel = Tunnel {
         client: client_upgrade,
@@ -194,10 +198,12 @@ pub async fn bridge(
         route: route.clone(),
         backend_name: backend,
         conn_id: conn.id,
+        line,
         drain: drain.clone(),
         write_stall: conn.write_stall.clone(),
         // Registered on its backend, which may ask it to move (drain, rebalance).
         held: open.backend().hold(),
+        expires_at,
         // Held for the tunnel's life: the route's place, the connection's place under
         // max_connections, its count as busy (not idle), its count on the backend, and
         // its count among those a paced shutdown spreads.
@@ -220,9 +226,13 @@ struct Tunnel {
     route: Arc<Route>,
     backend_name: String,
     conn_id: u64,
+    /// Written when the tunnel is dropped, however it ends.
+    line: AccessLine,
     drain: Drain,
     write_stall: Arc<crate::stall::WriteStall>,
     held: crate::upstream::Held,
+    /// When the token the WebSocket was opened with expires (`end_at_expiry`).
+    expires_at: Option<tokio::time::Instant>,
     _guards: (
         Option<tokio::sync::OwnedSemaphorePermit>,
         Arc<crate::conn::ConnSlot>,
@@ -233,10 +243,11 @@ struct Tunnel {
 }
 
 impl Tunnel {
-    async fn run(self) {
+    async fn run(mut self) {
         let (route, backend, conn_id) = (&self.route, &self.backend_name, self.conn_id);
         let start = Instant::now();
-        let (client, backend_io) = match tokio::try_join!(self.client, self.backend) {
+        self.line.reason = "upgrade failed";
+        let (client, backend_io) = match tokio::try_join!(&mut self.client, &mut self.backend) {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::warn!(
@@ -258,12 +269,23 @@ impl Tunnel {
             write_stall: Some(self.write_stall.clone()),
             moves: Some(self.held.signal().clone()),
             age_at: crate::upstream::held::age_deadline(route.config.max_connection_age),
+            expires_at: self.expires_at,
         };
         let metrics = &route.metrics;
         metrics.websockets.inc();
         let (client, backend_io) = (TokioIo::new(client), TokioIo::new(backend_io));
         let stats = relay(client, backend_io, config, &self.drain).await;
         metrics.websockets.dec();
+        if stats.reason == Some("token expired") {
+            route
+                .all_metrics
+                .token_expired
+                .get_or_create(&crate::metrics::StreamLabels {
+                    route: route.name.clone(),
+                    kind: "websocket",
+                })
+                .inc();
+        }
         if stats.reason == Some("message rate exceeded") {
             metrics.limited_messages.inc();
         }
@@ -275,21 +297,15 @@ impl Tunnel {
             .observe(start.elapsed().as_secs_f64());
         metrics.bytes_in.inc_by(stats.to_backend.bytes);
         metrics.bytes_out.inc_by(stats.to_client.bytes);
-        tracing::info!(
-            target: "streamgate::access",
-            conn_id,
-            route = %route.name,
-            %backend,
-            duration_ms = start.elapsed().as_millis() as u64,
-            messages_to_backend = stats.to_backend.messages,
-            bytes_to_backend = stats.to_backend.bytes,
-            messages_to_client = stats.to_client.messages,
-            bytes_to_client = stats.to_client.bytes,
-            closed_by = stats.closed_by.as_str(),
-            close_code = stats.close_code.unwrap_or(1006),
-            reason = stats.reason.unwrap_or("-"),
-            "websocket"
-        );
+        let line = &mut self.line;
+        line.bytes_in = stats.to_backend.bytes;
+        line.bytes_out = stats.to_client.bytes;
+        line.messages_in = Some(stats.to_backend.messages);
+        line.messages_out = Some(stats.to_client.messages);
+        line.closed_by = stats.closed_by.as_str();
+        line.close_code = Some(stats.close_code.unwrap_or(1006));
+        line.complete = stats.close_code.is_some();
+        line.reason = stats.reason.unwrap_or("-");
     }
 }
 

@@ -44,6 +44,9 @@ pub struct RelayConfig {
     pub moves: Option<std::sync::Arc<crate::upstream::held::MoveSignal>>,
     /// `max_connection_age` (with its jitter): the tunnel is moved then.
     pub age_at: Option<Instant>,
+    /// When the token it was opened with expires (`end_at_expiry`): Close 1008 to the client,
+    /// 1001 to the backend.
+    pub expires_at: Option<Instant>,
 }
 
 /// A token bucket for one connection's messages: no map, no lock, a few bytes.
@@ -508,7 +511,7 @@ where
     let mut spread_at: Option<Instant> = None;
     let next_check = |last: Instant, spread_at: Option<Instant>| {
         let idle = last + config.idle_timeout;
-        [config.age_at, spread_at]
+        [config.age_at, spread_at, config.expires_at]
             .into_iter()
             .flatten()
             .fold(idle, Instant::min)
@@ -554,6 +557,11 @@ where
                 if spread_at.is_some_and(|at| at <= now) {
                     outcome.gateway(frame::CLOSE_GOING_AWAY, "shutdown");
                     close_both(&mut up, &mut down, "server shutting down");
+                    linger(&mut closing, deadline.as_mut());
+                } else if config.expires_at.is_some_and(|at| at <= now) {
+                    outcome.gateway(frame::CLOSE_POLICY, "token expired");
+                    down.push_close(frame::CLOSE_POLICY, "token expired");
+                    up.push_close(frame::CLOSE_GOING_AWAY, "client token expired");
                     linger(&mut closing, deadline.as_mut());
                 } else if config.age_at.is_some_and(|at| at <= now) {
                     move_tunnel(MoveReason::Age, &mut up, &mut down, &mut outcome);
