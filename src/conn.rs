@@ -292,13 +292,15 @@ impl ConnContext {
                 .handle(req, conn.clone())
                 .instrument(span.clone())
         });
-        let io = TokioIo::new(io);
         if h2 {
+            // hyper answers every PING and SETTINGS: the guard bounds how many a client gets.
+            let io = TokioIo::new(crate::h2_flood::FloodGuard::new(io));
             let served = self.h2.serve_connection(io, service);
             let _ = self
                 .drive(served, |c| c.graceful_shutdown(), &activity, &write_stall)
                 .await;
         } else {
+            let io = TokioIo::new(io);
             let served = self.h1.serve_connection(io, service).with_upgrades();
             let result = self
                 .drive(served, |c| c.graceful_shutdown(), &activity, &write_stall)

@@ -6,7 +6,7 @@
 //!   ordered and renewed from an ACME CA (`[acme]`), swapped into the same store.
 //! - [`listener`]: accept loops and the connection cap; [`conn`]: one client connection
 //!   (PROXY protocol via [`proxy_protocol`], per-address limits via [`limiter`], writes
-//!   watched by [`stall`]).
+//!   watched by [`stall`], HTTP/2 PING and SETTINGS floods ended by [`h2_flood`]).
 //! - [`trust`]: who the client is (trusted proxies, X-Forwarded-*).
 //! - [`router`]: the route table.
 //! - [`auth`]: edge access control: client certificates, JWTs (keys from a JWKS file or
@@ -15,6 +15,8 @@
 //!   the request's own task), active health checks, passive ejection and DNS discovery.
 //! - [`proxy`]: the request path (the facts of a request in `proxy::request`, forwarding,
 //!   headers, errors, access log).
+//! - [`upstream::held`]: WebSockets and streams asked to move (drain, age, rebalance);
+//!   [`proxy::sse`] resumes streams on another backend.
 //! - [`drain`]: shutdown; [`reload`]: live reload (keeps what did not change); [`admin`] and
 //!   [`metrics`]: health, Prometheus metrics, `/backends` and the dashboard; [`demo`]: the
 //!   built-in demo.
@@ -39,6 +41,7 @@ pub mod conn;
 pub mod control;
 pub mod demo;
 pub mod drain;
+pub mod h2_flood;
 pub mod limiter;
 pub mod listener;
 pub mod log;

@@ -390,3 +390,63 @@ async fn sigusr1_reopens_the_access_log_at_its_path() {
     );
     assert_eq!(read_lines(&rotated).len(), 1, "it kept the line before");
 }
+
+/// `[route.auth]` in the log and the metrics: each line says how the request fared (`auth`),
+/// a token that came in the query never reaches the log (even with `[log] query = true`), and
+/// `streamgate_auth_total{route,result}` counts the outcomes.
+#[tokio::test]
+async fn auth_outcome_is_logged_and_counted_and_a_query_token_never_logged() {
+    use crate::support::jwt::{auth_table, claims, jwks_file, Signer};
+    let log = AccessLog::capture();
+    let backend = Backend::echo("A").await;
+    let key = Signer::es256("k1");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let jwks = jwks_file(dir.path(), &[&key]);
+    let keys = format!("jwt_jwks = {:?}", jwks.display().to_string());
+    let gw = GatewayBuilder::new()
+        .admin()
+        .toml("[log]\nquery = true")
+        .route(
+            route("/")
+                .to(backend.url())
+                .set("auth", &auth_table(&keys, "")),
+        )
+        .start()
+        .await;
+    let token = key.sign(&claims("alice"));
+    let mut client = gw.client(Proto::H2, "gw.test").await;
+
+    let got = client
+        .get(&format!("/ok?room=1&access_token={token}"))
+        .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let line = log.line("/ok?room=1").await;
+    assert_eq!(line["auth"], "allowed", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+
+    let got = client.get("/no-token").await;
+    assert_eq!(got.status, 401);
+    let line = log.line("/no-token").await;
+    assert_eq!(line["auth"], "missing", "{line}");
+
+    let got = client
+        .get(&format!("/bad?access_token={}x", &token[..token.len() - 1]))
+        .await;
+    assert_eq!(got.status, 401);
+    let line = log.line("/bad").await;
+    assert_eq!(line["auth"], "invalid", "{line}");
+
+    let text = std::fs::read_to_string(&log.path).expect("read the access log");
+    assert!(!text.contains(&token[..40]), "no token in the log: {text}");
+    assert!(!text.contains("access_token"), "nor its parameter: {text}");
+
+    let admin = gw.admin.expect("admin listener");
+    let (status, metrics) = crate::support::process::http_get(admin, "/metrics")
+        .await
+        .expect("GET /metrics");
+    assert_eq!(status, 200);
+    for (result, n) in [("allowed", 1), ("missing", 1), ("invalid", 1)] {
+        let want = format!("streamgate_auth_total{{route=\"*/\",result=\"{result}\"}} {n}");
+        assert!(metrics.contains(&want), "{want} in:\n{metrics}");
+    }
+}

@@ -448,3 +448,87 @@ async fn without_alpn_the_preface_decides_and_is_counted() {
         "{text}"
     );
 }
+
+/// An HTTP/2 client that floods PINGs or SETTINGS (CVE-2019-9512, -9515) gets a bounded number
+/// of answers, then GOAWAY with ENHANCE_YOUR_CALM, and its connection ends; other clients are
+/// served meanwhile, and a client that pings a little is answered every time.
+#[tokio::test]
+async fn h2_ping_and_settings_floods_get_goaway_enhance_your_calm() {
+    const FRAME_PING: u8 = 0x6;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let (backend, gw) = counted_gateway().await;
+    let start = || {
+        let mut bytes = H2_PREFACE.to_vec();
+        bytes.extend_from_slice(&[0, 0, 0, FRAME_SETTINGS, 0, 0, 0, 0, 0]);
+        bytes
+    };
+    let ping = [&[0, 0, 8, FRAME_PING, 0, 0, 0, 0, 0][..], &[7; 8]].concat();
+    // SETTINGS_MAX_CONCURRENT_STREAMS = 100: a valid setting, each one acknowledged.
+    let settings = [0, 0, 6, FRAME_SETTINGS, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100].to_vec();
+    for (name, frame, answer) in [
+        ("PING", &ping, FRAME_PING),
+        ("SETTINGS", &settings, FRAME_SETTINGS),
+    ] {
+        let mut bytes = start();
+        for _ in 0..5_000 {
+            bytes.extend_from_slice(frame);
+        }
+        let sent = sent_after(&gw, b"h2", &bytes).await;
+        let frames = h2_frames(&sent);
+        let answers = frames.iter().filter(|(t, _)| *t == answer).count();
+        assert!(answers < 2_000, "{name}: {answers} answers to 5,000 frames");
+        let (kind, payload) = frames.last().expect("some frames");
+        assert_eq!(*kind, FRAME_GOAWAY, "{name}: the last frame is a GOAWAY");
+        let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+        assert_eq!(code, ENHANCE_YOUR_CALM, "{name}: GOAWAY error code");
+        well_behaved_clients_are_served(&gw).await;
+    }
+
+    // Ten PINGs and a SETTINGS change are a normal client's: every one is answered.
+    let mut tls = tls_connect(gw.https, &gw.ca, Some("a.gw.test"), &[b"h2"], true).await;
+    let mut bytes = start();
+    for _ in 0..10 {
+        bytes.extend_from_slice(&ping);
+    }
+    bytes.extend_from_slice(&settings);
+    tls.write_all(&bytes).await.expect("write to the gateway");
+    tls.flush().await.expect("flush");
+    let mut got = Vec::new();
+    let mut buf = [0; 4096];
+    within("ten PING ACKs", async {
+        loop {
+            let frames = if got.len() >= 9 {
+                h2_frames_prefix(&got)
+            } else {
+                Vec::new()
+            };
+            if frames.iter().filter(|(t, _)| *t == FRAME_PING).count() == 10 {
+                assert!(frames.iter().all(|(t, _)| *t != FRAME_GOAWAY), "{frames:?}");
+                break;
+            }
+            let n = tls.read(&mut buf).await.expect("read from the gateway");
+            assert!(n > 0, "the gateway closed a well-behaved connection");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert_eq!(
+        backend.requests(),
+        4,
+        "only the well-behaved requests reach the backend"
+    );
+}
+
+/// The whole HTTP/2 frames at the start of `bytes` (a partial last one is left out).
+fn h2_frames_prefix(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 9 {
+        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        if bytes.len() < 9 + len {
+            break;
+        }
+        frames.push((bytes[3], bytes[9..9 + len].to_vec()));
+        bytes = &bytes[9 + len..];
+    }
+    frames
+}

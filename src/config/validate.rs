@@ -174,9 +174,23 @@ impl Located<'_> {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
+        // The CA's tls-alpn-01 validation connects without a client certificate: a listener
+        // that requires one would refuse it.
+        let requires_client_cert = listen
+            .client_ca
+            .as_ref()
+            .is_some_and(|ca| ca.auth == super::ClientAuth::Required);
+        let required_refuses = |span: std::ops::Range<usize>| {
+            self.error(
+                span,
+                "acme.challenge: \"tls-alpn-01\" cannot pass while listen.client_auth = \"required\" (the CA's validation connection has no client certificate); use challenge = \"http-01\", or client_auth = \"optional\" with require_client_cert on the routes",
+            )
+        };
         let challenge = match &a.challenge {
+            None if requires_client_cert => return Err(required_refuses(raw.span())),
             None => AcmeChallenge::TlsAlpn01,
             Some(c) => match c.get_ref().as_str() {
+                "tls-alpn-01" if requires_client_cert => return Err(required_refuses(c.span())),
                 "tls-alpn-01" => AcmeChallenge::TlsAlpn01,
                 "http-01" if listen.http.is_some() => AcmeChallenge::Http01,
                 "http-01" => {
@@ -677,6 +691,28 @@ mod tests {
         assert!(!covers("*.example.com", "example.com"));
         assert!(!covers("*.example.com", "a.chat.example.com"));
         assert!(!covers("example.com", "chat.example.com"));
+    }
+
+    #[test]
+    fn tls_alpn_01_is_refused_when_client_certificates_are_required() {
+        let text = |auth: &str, challenge: &str| {
+            format!(
+                "[listen]\nhttps = \"127.0.0.1:8443\"\nhttp = \"127.0.0.1:8080\"\nclient_ca = \"ca.pem\"\nclient_auth = \"{auth}\"\n\n[[route]]\nhost = \"chat.example.com\"\nbackends = [\"http://127.0.0.1:9000\"]\n\n[acme]\n{challenge}"
+            )
+        };
+        let parse = |t: String| Config::parse(std::path::Path::new("sg.toml"), &t);
+        for challenge in ["", "challenge = \"tls-alpn-01\"\n"] {
+            let e = parse(text("required", challenge))
+                .expect_err(challenge)
+                .to_string();
+            assert!(e.contains("sg.toml:"), "{e}");
+            assert!(
+                e.contains("cannot pass while listen.client_auth = \"required\""),
+                "{e}"
+            );
+            assert!(parse(text("optional", challenge)).is_ok(), "{challenge}");
+        }
+        assert!(parse(text("required", "challenge = \"http-01\"\n")).is_ok());
     }
 
     #[test]
