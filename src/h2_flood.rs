@@ -74,7 +74,7 @@ impl FrameScan {
 
     /// How many of `bytes` may be written before the first frame boundary in them (all of
     /// them when there is none).
-    fn to_boundary(&self, bytes: &[u8]) -> usize {
+    fn bytes_to_boundary(&self, bytes: &[u8]) -> usize {
         if self.at_boundary() {
             return 0;
         }
@@ -251,7 +251,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for FloodGuard<I> {
                 return Poll::Ready(Err(flooded()));
             }
             // Finish the frame in progress, no more.
-            State::Flooded { .. } => limit = this.write.to_boundary(buf),
+            State::Flooded { .. } => limit = this.write.bytes_to_boundary(buf),
             State::Open => {}
         }
         let n = std::task::ready!(Pin::new(&mut this.io).poll_write(cx, &buf[..limit]))?;
@@ -349,8 +349,12 @@ mod tests {
         scan.advance(&data[..5], |_| {});
         let mut rest = data[5..].to_vec();
         rest.extend(frame(PING, ACK, 0, &[0; 8]));
-        assert_eq!(scan.to_boundary(&rest), data.len() - 5);
-        assert_eq!(FrameScan::new(0).to_boundary(&rest), 0, "at a boundary");
+        assert_eq!(scan.bytes_to_boundary(&rest), data.len() - 5);
+        assert_eq!(
+            FrameScan::new(0).bytes_to_boundary(&rest),
+            0,
+            "at a boundary"
+        );
     }
 
     #[test]

@@ -444,3 +444,42 @@ async fn a_client_that_stops_reading_is_closed_and_the_backend_released() {
     assert_eq!(response.status(), StatusCode::OK);
     drop(tls);
 }
+
+/// Over HTTP/2 flow control stops the gateway before the socket fills: a client that stops
+/// reading one response (its stream window stays shut) is found all the same, its connection
+/// closed after write_stall_timeout and the backend's response released.
+#[tokio::test]
+async fn an_h2_client_that_stops_reading_is_closed_and_the_backend_released() {
+    let (backend, mut released) = endless_backend().await;
+    let gw = GatewayBuilder::new()
+        .toml("[limits]\nwrite_stall_timeout = \"500ms\"")
+        .route(route("/").to(backend.url()))
+        .start()
+        .await;
+    let mut client = gw.client(Proto::H2, "a.gw.test").await;
+    let response = client
+        .send(
+            client
+                .request(Method::GET, "/big")
+                .body(empty())
+                .expect("request"),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    // The body is never read: the client's windows fill, and the gateway must stop there.
+    within("the backend's response to be released", released.recv())
+        .await
+        .expect("released");
+    // Other clients are served.
+    let mut other = gw.client(Proto::H2, "a.gw.test").await;
+    let head = other
+        .send(
+            other
+                .request(Method::HEAD, "/")
+                .body(empty())
+                .expect("request"),
+        )
+        .await;
+    assert_eq!(head.status(), StatusCode::OK);
+    drop(response);
+}

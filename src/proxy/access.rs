@@ -18,6 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use super::body::{BoxError, GatewayBody};
 use crate::metrics::RouteMetrics;
 use crate::router::Route;
+use crate::stall::{StreamWait, WriteStall};
 
 /// What the access line calls the exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,6 +294,8 @@ pin_project! {
         #[pin]
         body: GatewayBody,
         entry: AccessEntry,
+        // HTTP/2: reports when the body waits to be asked for more (see `stall::StreamWait`).
+        wait: Option<(Arc<StreamWait>, Arc<WriteStall>)>,
     }
 }
 
@@ -300,7 +303,20 @@ impl Logged {
     pub fn new(body: GatewayBody, mut entry: AccessEntry) -> Logged {
         // hyper never polls a body that is already at its end.
         entry.complete = body.is_end_stream();
-        Logged { body, entry }
+        Logged {
+            body,
+            entry,
+            wait: None,
+        }
+    }
+
+    /// An HTTP/2 response: flow control, not the socket, stops it when the client stops
+    /// reading, so the body itself reports how long it has waited to be asked for more.
+    pub fn watched(mut self, stall: &Arc<WriteStall>) -> Logged {
+        if !self.body.is_end_stream() {
+            self.wait = Some((stall.stream(), stall.clone()));
+        }
+        self
     }
 }
 
@@ -314,6 +330,9 @@ impl Body for Logged {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         let mut body = this.body;
+        if let Some((wait, _)) = this.wait {
+            wait.asked();
+        }
         let polled = body.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -323,6 +342,8 @@ impl Body for Logged {
                 // hyper stops polling once the body says it is at its end.
                 if body.is_end_stream() {
                     this.entry.complete = true;
+                } else if let Some((wait, stall)) = this.wait {
+                    wait.waiting(stall);
                 }
             }
             Poll::Ready(None) => this.entry.complete = true,

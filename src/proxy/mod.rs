@@ -227,7 +227,15 @@ impl Gateway {
                 headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
             }
         }
-        Ok(response.map(|body| Logged::new(body, entry)))
+        let logged = |body| {
+            let logged = Logged::new(body, entry);
+            if version == Version::HTTP_2 {
+                logged.watched(&conn.write_stall)
+            } else {
+                logged
+            }
+        };
+        Ok(response.map(logged))
     }
 
     fn remember(&self, route: &str, error: &ProxyError) {
