@@ -49,6 +49,13 @@ impl StreamWait {
         self.since.store(stall.now_ms(), Ordering::Relaxed);
     }
 
+    /// A write could not proceed: waiting, since now unless it already was.
+    fn still_waiting(&self, stall: &WriteStall) {
+        if self.since.load(Ordering::Relaxed) == 0 {
+            self.since.store(stall.now_ms(), Ordering::Relaxed);
+        }
+    }
+
     /// hyper asks for more (or the body has ended): not waiting.
     pub fn asked(&self) {
         if self.since.load(Ordering::Relaxed) != 0 {
@@ -171,24 +178,45 @@ impl WriteStall {
 }
 
 pin_project_lite::pin_project! {
-    /// An I/O whose writes report to a [`WriteStall`].
+    /// An I/O whose writes report to a [`WriteStall`]: a client connection's socket, or an
+    /// HTTP/2 stream the gateway writes to itself (a WebSocket over extended CONNECT), whose
+    /// writes wait on the stream's flow control rather than the socket and so report through
+    /// a [`StreamWait`] of their own.
     pub struct Watched<I> {
         #[pin]
         io: I,
         stall: Arc<WriteStall>,
+        stream: Option<Arc<StreamWait>>,
     }
 }
 
 impl<I> Watched<I> {
+    /// A client connection's socket.
     pub fn new(io: I, stall: Arc<WriteStall>) -> Watched<I> {
-        Watched { io, stall }
+        Watched {
+            io,
+            stall,
+            stream: None,
+        }
+    }
+
+    /// An HTTP/2 stream of the connection `stall` watches.
+    pub fn stream(io: I, stall: Arc<WriteStall>) -> Watched<I> {
+        let stream = Some(stall.stream());
+        Watched { io, stall, stream }
     }
 }
 
-fn note<T>(stall: &WriteStall, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-    match &polled {
-        Poll::Pending => stall.blocked(),
-        Poll::Ready(_) => stall.progressed(),
+fn note<T>(
+    stall: &WriteStall,
+    stream: &Option<Arc<StreamWait>>,
+    polled: Poll<io::Result<T>>,
+) -> Poll<io::Result<T>> {
+    match (&polled, stream) {
+        (Poll::Pending, None) => stall.blocked(),
+        (Poll::Ready(_), None) => stall.progressed(),
+        (Poll::Pending, Some(wait)) => wait.still_waiting(stall),
+        (Poll::Ready(_), Some(wait)) => wait.asked(),
     }
     polled
 }
@@ -210,7 +238,7 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        note(this.stall, this.io.poll_write(cx, buf))
+        note(this.stall, this.stream, this.io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -219,7 +247,11 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        note(this.stall, this.io.poll_write_vectored(cx, bufs))
+        note(
+            this.stall,
+            this.stream,
+            this.io.poll_write_vectored(cx, bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -228,7 +260,7 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
-        note(this.stall, this.io.poll_flush(cx))
+        note(this.stall, this.stream, this.io.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -477,3 +477,84 @@ async fn an_h2_client_that_stops_reading_is_closed_and_the_backend_released() {
     released_and_others_served(&gw, &mut released).await;
     drop(response);
 }
+
+/// A WebSocket backend that sends 16 KiB messages as fast as it may, until the gateway closes.
+async fn flooding_ws_backend() -> ws::WsBackend {
+    use futures_util::StreamExt;
+    let (seen, _) = tokio::sync::mpsc::unbounded_channel();
+    ws::WsBackend::start(move |tcp| {
+        let seen = seen.clone();
+        async move {
+            let Ok(socket) = ws::accept(tcp, &seen).await else {
+                return;
+            };
+            let (mut tx, mut rx) = socket.split();
+            let flood = async {
+                let msg = Message::binary(vec![7u8; 16 * 1024]);
+                while tx.send(msg.clone()).await.is_ok() {}
+            };
+            let closed = async {
+                while let Some(Ok(m)) = rx.next().await {
+                    if m.is_close() {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = flood => {}
+                _ = closed => {}
+            }
+        }
+    })
+    .await
+}
+
+/// A WebSocket client that stops reading while its backend keeps sending is closed after
+/// write_stall_timeout, over HTTP/1.1 (the socket fills) and over HTTP/2 (the stream's flow
+/// control stops the gateway first), and the backend's connection is released.
+#[tokio::test]
+async fn a_websocket_client_that_stops_reading_is_closed_over_h1_and_h2() {
+    use hyper_util::rt::TokioIo;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let mut backend = flooding_ws_backend().await;
+    let web = Backend::echo("web").await;
+    let gw = GatewayBuilder::new()
+        .toml("[limits]\nwrite_stall_timeout = \"500ms\"")
+        .route(route("/ws").to(backend.url()))
+        .route(route("/").to(web.url()))
+        .start()
+        .await;
+
+    let h1 = ws::connect(&gw, "/ws").await;
+    backend.connection_ended().await;
+
+    let mut client = gw.client(Proto::H2, "gw.test").await;
+    let mut req = client
+        .request(Method::CONNECT, "/ws")
+        .header("sec-websocket-version", "13")
+        .body(empty())
+        .expect("request");
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let response = client.send(req).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let upgraded = within("the HTTP/2 stream to upgrade", hyper::upgrade::on(response))
+        .await
+        .expect("upgrade");
+    let h2 = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Client,
+        None,
+    )
+    .await;
+    // Never read: the stream's window fills, and the gateway must notice all the same.
+    backend.connection_ended().await;
+    assert_eq!(backend.accepted(), 2);
+
+    // Others are served.
+    for proto in Proto::ALL {
+        let mut other = gw.client(proto, "gw.test").await;
+        assert_eq!(other.get("/").await.status, StatusCode::OK);
+    }
+    drop((h1, h2, client));
+}

@@ -201,6 +201,7 @@ pub async fn bridge(
         line,
         drain: drain.clone(),
         write_stall: conn.write_stall.clone(),
+        h2,
         // Registered on its backend, which may ask it to move (drain, rebalance).
         held: open.backend().hold(),
         expires_at,
@@ -230,6 +231,8 @@ struct Tunnel {
     line: AccessLine,
     drain: Drain,
     write_stall: Arc<crate::stall::WriteStall>,
+    /// An RFC 8441 tunnel: the client side is an HTTP/2 stream.
+    h2: bool,
     held: crate::upstream::Held,
     /// When the token the WebSocket was opened with expires (`end_at_expiry`).
     expires_at: Option<tokio::time::Instant>,
@@ -274,7 +277,14 @@ impl Tunnel {
         let metrics = &route.metrics;
         metrics.websockets.inc();
         let (client, backend_io) = (TokioIo::new(client), TokioIo::new(backend_io));
-        let stats = relay(client, backend_io, config, &self.drain).await;
+        let stats = if self.h2 {
+            // Writes to an HTTP/2 stream wait on its flow control, which the socket-level
+            // stall watch cannot see: the stream reports its own waits.
+            let client = crate::stall::Watched::stream(client, self.write_stall.clone());
+            relay(client, backend_io, config, &self.drain).await
+        } else {
+            relay(client, backend_io, config, &self.drain).await
+        };
         metrics.websockets.dec();
         if stats.reason == Some("token expired") {
             route
