@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tracing::Subscriber;
-use tracing_subscriber::filter::{filter_fn, FilterExt};
+use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};
 use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{fmt, EnvFilter, Layer};
@@ -50,7 +50,13 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let filter = env.and(filter_fn(|m| m.target() != ACCESS_TARGET));
+    // Static target filters, not closures: they decide per callsite, once, so spans and
+    // events no layer wants cost nothing per request (a closure is asked on every span,
+    // and the registry then keeps span data for all of them).
+    let not_access = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target(ACCESS_TARGET, LevelFilter::OFF);
+    let filter = env.and(not_access);
     let terminal = io::stderr().is_terminal();
     match format.unwrap_or(auto(terminal)) {
         LogFormat::Pretty => fmt::layer()
@@ -97,7 +103,7 @@ where
             )
         }
     };
-    let only_access = filter_fn(|m| m.target() == ACCESS_TARGET);
+    let only_access = Targets::new().with_target(ACCESS_TARGET, LevelFilter::TRACE);
     let layer = match config.format.or(fallback).unwrap_or(auto(terminal)) {
         LogFormat::Pretty => fmt::layer()
             .with_writer(writer)

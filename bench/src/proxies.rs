@@ -105,7 +105,11 @@ pub fn start_with(
     let mut cmd = match kind {
         Kind::Streamgate => {
             let path = s.dir.join(format!("{tag}streamgate.toml"));
-            std::fs::write(&path, streamgate_config(addr, s, backends))?;
+            let mut config = streamgate_config(addr, s, backends);
+            if access_log_off_supported(&s.gateway, &path, &config) {
+                config.push_str(ACCESS_LOG_OFF);
+            }
+            std::fs::write(&path, config)?;
             let mut cmd = pinned(&s.gateway);
             cmd.arg("--config")
                 .arg(&path)
@@ -183,6 +187,36 @@ pub fn idle_capacity(nofile: u64) -> usize {
 /// here, refuses to start when they do not fit: what fits, which is more than `idle_capacity`.
 pub fn haproxy_maxconn(nofile: u64) -> u64 {
     nofile.saturating_sub(100) / 2
+}
+
+/// No access log, as for nginx and HAProxy: since `[log]` exists, RUST_LOG no longer
+/// silences access lines, and writing one per request costs about a fifth of the CPU.
+const ACCESS_LOG_OFF: &str = "\n[log]\naccess = \"off\"\n";
+
+/// Whether `gateway` knows `[log] access` (binaries from before it refuse the table, and
+/// RUST_LOG=warn is what silences their access lines). Asked once per binary, with `check`.
+fn access_log_off_supported(gateway: &Path, path: &Path, config: &str) -> bool {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static KNOWN: Mutex<Option<HashMap<PathBuf, bool>>> = Mutex::new(None);
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    let known = known.get_or_insert_with(HashMap::new);
+    if let Some(yes) = known.get(gateway) {
+        return *yes;
+    }
+    let probe = path.with_extension("probe.toml");
+    let yes = std::fs::write(&probe, format!("{config}{ACCESS_LOG_OFF}")).is_ok()
+        && Command::new(gateway)
+            .arg("check")
+            .arg("--config")
+            .arg(&probe)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    let _ = std::fs::remove_file(&probe);
+    known.insert(gateway.to_path_buf(), yes);
+    yes
 }
 
 /// `"http://a", "http://b"` for a TOML array.

@@ -455,8 +455,8 @@ pub fn render(meta: &Meta, log: &Log) -> String {
     let _ = writeln!(
         s,
         "- One worker each: streamgate `[runtime] worker_threads = 1`, nginx `worker_processes 1`, \
-         HAProxy `nbthread 1`. No access logs: streamgate `RUST_LOG=warn`, nginx `access_log off`, \
-         HAProxy no `log` line."
+         HAProxy `nbthread 1`. No access logs: streamgate `[log] access = \"off\"` (and \
+         `RUST_LOG=warn`), nginx `access_log off`, HAProxy no `log` line."
     );
     let _ = writeln!(
         s,

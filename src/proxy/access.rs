@@ -125,6 +125,16 @@ impl AccessEntry {
         let mut line = self.take_line();
         line.protocol = protocol;
         line.status = status;
+        // The line lives as long as the WebSocket or stream: it must not keep the request
+        // head's buffer alive (see `headers::owned_value`).
+        use super::headers::{owned_uri, owned_value};
+        line.uri = owned_uri(&line.uri);
+        for v in [&mut line.host, &mut line.user_agent, &mut line.request_id]
+            .into_iter()
+            .flatten()
+        {
+            *v = owned_value(v);
+        }
         line
     }
 

@@ -42,10 +42,13 @@ pub async fn forward(
     // can be sent again (EventSource only sends GETs).
     let again = (route.config.sse.resume && parts.method == Method::GET)
         .then(|| {
+            // Copies, not slices of the request head's buffer: they live as long as the stream.
+            let path = backend_path(route, &parts.uri).ok()?;
             Some(StreamRequest {
                 method: Method::GET,
-                path: backend_path(route, &parts.uri).ok()?,
-                headers: parts.headers.clone(),
+                path: PathAndQuery::from_maybe_shared(bytes::Bytes::from(path.as_str().to_owned()))
+                    .unwrap_or(path),
+                headers: super::headers::owned_headers(&parts.headers),
                 client: conn.client,
             })
         })

@@ -22,6 +22,32 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Copies of `value`'s bytes in an allocation of its own. hyper parses a request head into
+/// slices of the connection's read buffer: a value kept for as long as a WebSocket or an event
+/// stream lives would keep that whole buffer (8 KiB and more) alive with it.
+pub fn owned_value(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+    copy.set_sensitive(value.is_sensitive());
+    copy
+}
+
+/// `headers` with every name and value in allocations of their own (see [`owned_value`]).
+pub fn owned_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut copy = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let name =
+            HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
+        copy.append(name, owned_value(value));
+    }
+    copy
+}
+
+/// A URI in an allocation of its own (see [`owned_value`]).
+pub fn owned_uri(uri: &http::Uri) -> http::Uri {
+    http::Uri::from_maybe_shared(bytes::Bytes::from(uri.to_string()))
+        .unwrap_or_else(|_| uri.clone())
+}
+
 /// Removes every header named in `Connection`, then the fixed hop-by-hop set.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
