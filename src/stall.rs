@@ -80,7 +80,10 @@ impl WriteStall {
     pub fn stream(&self) -> Arc<StreamWait> {
         let wait = Arc::new(StreamWait::default());
         if let Ok(mut streams) = self.streams.lock() {
-            streams.retain(|w| w.strong_count() > 0);
+            // Ended streams are swept out when the list would grow, not on every push.
+            if streams.len() == streams.capacity() {
+                streams.retain(|w| w.strong_count() > 0);
+            }
             streams.push(Arc::downgrade(&wait));
             if streams.len() == 1 {
                 self.stream_added.notify_one();

@@ -8,12 +8,9 @@ use std::time::Duration;
 
 use http::Method;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::subscriber::DefaultGuard;
 
-use crate::support::client::tls_connect;
-use crate::support::gateway::TestGateway;
 use crate::support::process::{GatewayFiles, GatewayProcess};
 use crate::support::sse::{SseBackend, SseClient};
 use crate::support::ws::{
@@ -289,29 +286,6 @@ async fn an_event_stream_writes_one_line_when_it_ends() {
     assert_eq!(streams, 2, "one line per stream, nothing else: {lines:?}");
 }
 
-/// One HTTP/1.1 exchange on a TLS connection of its own: the status the gateway answered.
-async fn raw_h1(gw: &TestGateway, request: &[u8]) -> u16 {
-    let mut tls = tls_connect(gw.https, &gw.ca, Some("gw.test"), &[b"http/1.1"], true).await;
-    tls.write_all(request).await.expect("write the request");
-    tls.flush().await.expect("flush");
-    let mut got = Vec::new();
-    within("the gateway to answer and close", async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match tls.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&got);
-    text.strip_prefix("HTTP/1.1 ")
-        .and_then(|t| t.get(..3))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP/1.1 response: {text:?}"))
-}
-
 #[tokio::test]
 async fn refused_requests_are_logged_with_their_status() {
     let log = AccessLog::capture();
@@ -342,12 +316,14 @@ async fn refused_requests_are_logged_with_their_status() {
         "GET /big HTTP/1.1\r\nHost: gw.test\r\nX-Big: {}\r\n\r\n",
         "a".repeat(40_000)
     );
-    assert_eq!(raw_h1(&gw, huge.as_bytes()).await, 431);
+    assert_eq!(gw.raw_h1(huge.as_bytes()).await.0, 431);
     let line = wait_line(&log.path, |l| l["status"] == 431).await;
     assert_eq!(line["client"], "127.0.0.1", "{line}");
     assert_eq!(line["reason"], "request head too large", "{line}");
     assert_eq!(
-        raw_h1(&gw, b"GET /bad HTTP/1.1\r\nHost gw.test\r\n\r\n").await,
+        gw.raw_h1(b"GET /bad HTTP/1.1\r\nHost gw.test\r\n\r\n")
+            .await
+            .0,
         400
     );
     let line = wait_line(&log.path, |l| l["status"] == 400).await;

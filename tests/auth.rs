@@ -5,6 +5,7 @@
 
 use http::{Method, StatusCode};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::jwt::{auth_table, claims, claims_with, jwks_file, now, JwksServer, Signer};
 use crate::support::sse::{Item, SseBackend, SseClient};
@@ -206,6 +207,15 @@ async fn refused_tokens_get_401_or_403_before_any_backend_is_contacted() {
     assert_eq!(backend.upgrades(), 0);
 }
 
+/// `GET /` with a bearer token `signer` signed for `sub`: the status the gateway answered.
+async fn bearer_status(client: &mut Client, signer: &Signer, sub: &str) -> StatusCode {
+    let bearer = format!("Bearer {}", signer.sign(&claims(sub)));
+    client
+        .get_with("/", &[("authorization", &bearer)])
+        .await
+        .status
+}
+
 #[tokio::test]
 async fn key_rotation_in_the_jwks_file_is_picked_up_on_reload() {
     let backend = Backend::echo("b").await;
@@ -213,21 +223,8 @@ async fn key_rotation_in_the_jwks_file_is_picked_up_on_reload() {
     let new = Signer::es256("new");
     let (gw, dir) = guarded(&backend.url(), &[&old], "").await;
     let mut client = gw.client(Proto::H1, "gw.test").await;
-    let auth = |k: &Signer| format!("Bearer {}", k.sign(&claims("c")));
-    assert_eq!(
-        client
-            .get_with("/", &[("authorization", &auth(&old))])
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        client
-            .get_with("/", &[("authorization", &auth(&new))])
-            .await
-            .status,
-        401
-    );
+    assert_eq!(bearer_status(&mut client, &old, "c").await, 200);
+    assert_eq!(bearer_status(&mut client, &new, "c").await, 401);
 
     jwks_file(dir.path(), &[&new]);
     let keys = format!(
@@ -239,20 +236,8 @@ async fn key_rotation_in_the_jwks_file_is_picked_up_on_reload() {
         .set("auth", &auth_table(&keys, ""))])
         .await
         .expect("reload accepts the rotated JWKS");
-    assert_eq!(
-        client
-            .get_with("/", &[("authorization", &auth(&new))])
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        client
-            .get_with("/", &[("authorization", &auth(&old))])
-            .await
-            .status,
-        401
-    );
+    assert_eq!(bearer_status(&mut client, &new, "c").await, 200);
+    assert_eq!(bearer_status(&mut client, &old, "c").await, 401);
 
     // A broken JWKS file is refused, and the keys in force stay.
     std::fs::write(dir.path().join("jwks.json"), "{\"keys\": 5}").expect("write");
@@ -266,13 +251,7 @@ async fn key_rotation_in_the_jwks_file_is_picked_up_on_reload() {
         err.contains("route[0].auth.jwt_jwks") && err.contains("jwks.json"),
         "{err}"
     );
-    assert_eq!(
-        client
-            .get_with("/", &[("authorization", &auth(&new))])
-            .await
-            .status,
-        200
-    );
+    assert_eq!(bearer_status(&mut client, &new, "c").await, 200);
 }
 
 #[tokio::test]
@@ -292,13 +271,7 @@ async fn key_rotation_at_the_jwks_url_is_picked_up_on_an_unknown_kid() {
         .await;
     let mut client = gw.client(Proto::H2, "gw.test").await;
     let auth = |k: &Signer| format!("Bearer {}", k.sign(&claims("d")));
-    assert_eq!(
-        client
-            .get_with("/", &[("authorization", &auth(&old))])
-            .await
-            .status,
-        200
-    );
+    assert_eq!(bearer_status(&mut client, &old, "d").await, 200);
     let before = server.fetches();
     assert!(before >= 1, "fetched at start-up");
 
@@ -451,8 +424,12 @@ async fn websocket_is_closed_with_1008_when_its_token_expires() {
     assert_eq!(u16::from(close.code), 1008);
     assert_eq!(close.reason.as_str(), "token expired");
     // The handshake was seen first; then the backend's Close is 1001.
-    let _ = seen_handshake(&mut seen).await;
-    let _ = ws::seen_data(&mut seen).await;
+    seen_handshake(&mut seen).await;
+    assert_eq!(
+        ws::seen_data(&mut seen).await,
+        Message::text("before expiry"),
+        "the backend got the message sent before expiry"
+    );
     assert_eq!(u16::from(seen_close(&mut seen).await.code), 1001);
 }
 

@@ -11,7 +11,7 @@ use http::{HeaderMap, Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::client::{tls_connect, Client, Fetched};
+use crate::support::client::{Client, Fetched};
 use crate::support::gateway::TestGateway;
 use crate::support::logs::Logs;
 use crate::support::{
@@ -92,32 +92,6 @@ fn header<'a>(seen: &'a Seen, name: &str) -> Vec<&'a str> {
         .collect()
 }
 
-/// Writes `request` as raw bytes on a new HTTP/1.1 TLS connection and reads until the
-/// gateway closes it: returns the status and the whole response text.
-async fn raw_h1(gw: &TestGateway, request: &[u8]) -> (u16, String) {
-    let mut tls = tls_connect(gw.https, &gw.ca, Some("gw.test"), &[b"http/1.1"], true).await;
-    tls.write_all(request).await.expect("write the request");
-    tls.flush().await.expect("flush");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    within("the gateway to answer and close", async {
-        loop {
-            match tls.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&got).into_owned();
-    let status = text
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|t| t.get(..3))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP/1.1 response: {text:?}"));
-    (status, text)
-}
-
 /// Another client, on a connection of its own, is served as usual.
 async fn others_are_served(gw: &TestGateway, host: &str, path: &str, name: &str) {
     for proto in Proto::ALL {
@@ -150,7 +124,7 @@ async fn host_header_that_disagrees_with_the_target_authority_is_400_over_http1(
         b"GET /x HTTP/1.1\r\nHost: a.gw.test\r\nHost: b.gw.test\r\nConnection: close\r\n\r\n",
     ];
     for request in cases {
-        let (status, text) = raw_h1(&gw, request).await;
+        let (status, text) = gw.raw_h1(request).await;
         assert_eq!(status, 400, "{}: {text}", String::from_utf8_lossy(request));
         assert!(
             text.contains("Host"),
@@ -160,11 +134,11 @@ async fn host_header_that_disagrees_with_the_target_authority_is_400_over_http1(
     assert_eq!(a.heads() + b.heads(), 0, "no backend saw a refused request");
 
     // Absolute form with an agreeing Host: routed on it, and that is the Host a's backend sees.
-    let (status, text) = raw_h1(
-        &gw,
-        b"GET https://A.gw.test/x?q HTTP/1.1\r\nHost: a.gw.test:443\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let (status, text) = gw
+        .raw_h1(
+            b"GET https://A.gw.test/x?q HTTP/1.1\r\nHost: a.gw.test:443\r\nConnection: close\r\n\r\n",
+        )
+        .await;
     assert_eq!(status, 200, "{text}");
     let seen = a.last();
     assert_eq!(seen.target, "/x?q", "the backend gets origin form");
@@ -268,7 +242,7 @@ async fn unknown_transfer_codings_get_501_and_an_access_line() {
         let request =
             format!("POST /te/{name} HTTP/1.1\r\nHost: gw.test\r\n{te}\r\n5\r\nhello\r\n0\r\n\r\n");
         // Read to the end: the gateway closes the connection after the 501 by itself.
-        let (status, text) = raw_h1(&gw, request.as_bytes()).await;
+        let (status, text) = gw.raw_h1(request.as_bytes()).await;
         assert_eq!(status, 501, "{name}: {text}");
         assert!(
             text.to_ascii_lowercase().contains("connection: close"),
@@ -284,11 +258,11 @@ async fn unknown_transfer_codings_get_501_and_an_access_line() {
 
     // A last coding other than chunked: hyper refuses it with a 400 of its own, before the
     // gateway sees the request (so no access line can be written for it).
-    let (status, _) = raw_h1(
-        &gw,
-        b"POST /te/last HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked, cow\r\n\r\n",
-    )
-    .await;
+    let (status, _) = gw
+        .raw_h1(
+            b"POST /te/last HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked, cow\r\n\r\n",
+        )
+        .await;
     assert_eq!(status, 400);
 
     assert_eq!(backend.heads(), 0, "the backend saw none of them");
@@ -314,7 +288,7 @@ async fn malformed_chunked_body_is_400_not_502_and_logged() {
         let request = format!(
             "POST /chunk/{name} HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
         );
-        let (status, text) = raw_h1(&gw, request.as_bytes()).await;
+        let (status, text) = gw.raw_h1(request.as_bytes()).await;
         assert_eq!(status, 400, "{name}: {text}");
         assert!(
             text.contains("request body is malformed"),

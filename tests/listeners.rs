@@ -300,18 +300,27 @@ async fn read_until_closed(io: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
     got
 }
 
-/// Splits `bytes` into HTTP/2 frames (RFC 9113 4.1): `(type, payload)`.
-fn h2_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+/// The whole HTTP/2 frames at the start of `bytes` (RFC 9113 4.1) as `(type, payload)`, and
+/// what follows them (a partial last frame).
+fn split_h2_frames(mut bytes: &[u8]) -> (Vec<(u8, Vec<u8>)>, &[u8]) {
     let mut frames = Vec::new();
     while bytes.len() >= 9 {
         let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
-        assert!(bytes.len() >= 9 + len, "truncated HTTP/2 frame: {bytes:?}");
+        if bytes.len() < 9 + len {
+            break;
+        }
         frames.push((bytes[3], bytes[9..9 + len].to_vec()));
         bytes = &bytes[9 + len..];
     }
+    (frames, bytes)
+}
+
+/// Splits `bytes` into HTTP/2 frames: `(type, payload)`; a partial frame fails the test.
+fn h2_frames(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let (frames, rest) = split_h2_frames(bytes);
     assert!(
-        bytes.is_empty(),
-        "trailing bytes after HTTP/2 frames: {bytes:?}"
+        rest.is_empty(),
+        "truncated or trailing bytes after HTTP/2 frames: {rest:?}"
     );
     frames
 }
@@ -495,14 +504,16 @@ async fn h2_ping_and_settings_floods_get_goaway_enhance_your_calm() {
     tls.flush().await.expect("flush");
     let mut got = Vec::new();
     let mut buf = [0; 4096];
-    within("ten PING ACKs", async {
+    within("ten PING ACKs and two SETTINGS ACKs", async {
         loop {
-            let frames = if got.len() >= 9 {
-                h2_frames_prefix(&got)
-            } else {
-                Vec::new()
-            };
-            if frames.iter().filter(|(t, _)| *t == FRAME_PING).count() == 10 {
+            let (frames, _) = split_h2_frames(&got);
+            let pings = frames.iter().filter(|(t, _)| *t == FRAME_PING).count();
+            // A SETTINGS ACK has no payload (RFC 9113 6.5); the server's own SETTINGS has some.
+            let settings_acks = frames
+                .iter()
+                .filter(|(t, p)| *t == FRAME_SETTINGS && p.is_empty())
+                .count();
+            if pings == 10 && settings_acks == 2 {
                 assert!(frames.iter().all(|(t, _)| *t != FRAME_GOAWAY), "{frames:?}");
                 break;
             }
@@ -517,18 +528,4 @@ async fn h2_ping_and_settings_floods_get_goaway_enhance_your_calm() {
         4,
         "only the well-behaved requests reach the backend"
     );
-}
-
-/// The whole HTTP/2 frames at the start of `bytes` (a partial last one is left out).
-fn h2_frames_prefix(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
-    let mut frames = Vec::new();
-    while bytes.len() >= 9 {
-        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
-        if bytes.len() < 9 + len {
-            break;
-        }
-        frames.push((bytes[3], bytes[9..9 + len].to_vec()));
-        bytes = &bytes[9 + len..];
-    }
-    frames
 }

@@ -3,6 +3,8 @@
 //! events only; WebSockets are moved with 1012 or 1001; new streams beyond a rate get 503
 //! before any backend is contacted; and shutdown spreads its closes over a window.
 
+use std::fmt::Display;
+use std::ops::RangeInclusive;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -34,6 +36,14 @@ const WS: &str = "*/ws";
 /// Event `n` of the sequence as the client parses it.
 fn event(n: u64) -> Event {
     Event::message(&n.to_string(), &format!("event {n}"))
+}
+
+/// Reads the next events of `stream` and checks they are events `range` of the sequence, in
+/// order (`what` names the case in a failure).
+async fn expect_events(stream: &mut SseStream, range: RangeInclusive<u64>, what: impl Display) {
+    for n in range {
+        assert_eq!(stream.event().await, event(n), "{what}");
+    }
 }
 
 /// `/events` over `fleet`, with streams resumed.
@@ -147,21 +157,19 @@ async fn sse_stream_resumes_on_another_backend_when_its_backend_dies() {
         let mut stream = client.open_with(req).await;
         let (dying, other) = pair(&a, &b).await;
         feed.publish_to(3);
-        for n in 1..=3 {
-            assert_eq!(stream.event().await, event(n), "{proto}");
-        }
+        expect_events(&mut stream, 1..=3, proto).await;
 
         dying.kill().await;
         feed.publish_to(6);
-        for n in 4..=6 {
-            assert_eq!(
-                stream.event().await,
-                event(n),
+        expect_events(
+            &mut stream,
+            4..=6,
+            format!(
                 "{proto}: after {} died the sequence goes on, from {}",
-                dying.name,
-                other.name
-            );
-        }
+                dying.name, other.name
+            ),
+        )
+        .await;
         assert_eq!(
             other.last_event_ids(),
             [Some("3".to_string())],
@@ -234,9 +242,7 @@ async fn sse_partial_event_of_a_dying_backend_never_reaches_the_client() {
         let mut stream = client.open("/events").await;
         let (dying, other) = pair(&a, &b).await;
         feed.publish_to(3);
-        for n in 1..=3 {
-            assert_eq!(stream.event().await, event(n), "{proto}");
-        }
+        expect_events(&mut stream, 1..=3, proto).await;
 
         // `id: 4\ndata: cut-off 4`, then EOF without the terminating chunk.
         dying.partial_then_die().await;
@@ -244,9 +250,7 @@ async fn sse_partial_event_of_a_dying_backend_never_reaches_the_client() {
             .wait("the half event to be on the wire", |d| d.partials() == 1)
             .await;
         feed.publish_to(6);
-        for n in 4..=6 {
-            assert_eq!(stream.event().await, event(n), "{proto}");
-        }
+        expect_events(&mut stream, 4..=6, proto).await;
         let raw = stream.raw_text();
         assert!(
             !raw.contains("cut-off"),
@@ -280,9 +284,7 @@ async fn sse_clean_end_of_a_backend_is_not_resumed() {
         let mut stream = client.open("/events").await;
         let (ending, other) = pair(&a, &b).await;
         feed.publish_to(3);
-        for n in 1..=3 {
-            assert_eq!(stream.event().await, event(n), "{proto}");
-        }
+        expect_events(&mut stream, 1..=3, proto).await;
 
         ending.end_streams();
         assert_eq!(
@@ -382,9 +384,7 @@ async fn sse_resume_gives_up_after_resume_attempts_with_a_retry_hint() {
             .map(|(_, b)| *b)
             .collect();
         feed.publish_to(3);
-        for n in 1..=3 {
-            assert_eq!(stream.event().await, event(n), "{proto}");
-        }
+        expect_events(&mut stream, 1..=3, proto).await;
 
         // Nowhere to go on: the others answer 500.
         for o in &others {
@@ -474,9 +474,7 @@ async fn backend_drain_moves_websockets_and_streams_off_a_removed_backend() {
     let mut stream = client.open("/events").await;
     let (leaving, staying) = pair(&sa, &sb).await;
     feed.publish_to(3);
-    for n in 1..=3 {
-        assert_eq!(stream.event().await, event(n));
-    }
+    expect_events(&mut stream, 1..=3, "").await;
 
     gw.reload(&[drained_ws(&[&b]), drained_events(&[staying])])
         .await
@@ -535,9 +533,7 @@ async fn backend_drain_moves_websockets_and_streams_off_a_removed_backend() {
         "the stream stays for backend_drain (2 s): moved after {moved_after:?}"
     );
     feed.publish_to(6);
-    for n in 4..=6 {
-        assert_eq!(stream.event().await, event(n), "no end, no gap");
-    }
+    expect_events(&mut stream, 4..=6, "no end, no gap").await;
     assert_eq!(without_comments(&stream.raw_text()), sequence(1, 6));
     leaving
         .wait("the drained backend's stream to close", |l| l.open() == 0)

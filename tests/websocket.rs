@@ -714,10 +714,18 @@ async fn ws_route_with_a_size_limit_does_not_offer_compression_to_the_backend() 
         .await
         .expect("a frame");
     assert_eq!(at_client.close_code(), Some(1009), "{at_client:?}");
+    assert!(
+        at_client.mask.is_none(),
+        "frames toward the client are unmasked"
+    );
     let RawSeen::Frame(at_backend) = next_raw_seen(&mut seen).await else {
         panic!("expected a frame")
     };
     assert_eq!(at_backend.close_code(), Some(1001));
+    assert!(
+        at_backend.mask.is_some(),
+        "frames toward the backend are masked"
+    );
 }
 
 #[tokio::test]

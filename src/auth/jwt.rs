@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{decode, decode_header, Validation};
+use jsonwebtoken::{decode, decode_header, Algorithm, AlgorithmFamily, Validation};
 use serde_json::{Map, Value};
 
 use super::jwks::KeySet;
@@ -28,10 +28,58 @@ pub struct Verified {
     pub exp: Option<u64>,
 }
 
+/// A route's claim checks, built once from its [`JwtConfig`]: one `Validation` per key
+/// family, allowing the family's algorithms (a key's own list is checked before).
+pub struct Checks {
+    hmac: Validation,
+    rsa: Validation,
+    ec: Validation,
+    ed: Validation,
+}
+
+impl Checks {
+    pub fn new(config: &JwtConfig) -> Checks {
+        let build = |family| {
+            let mut v = Validation::new_for_family(family);
+            v.leeway = config.leeway.as_secs();
+            v.validate_nbf = true;
+            v.validate_exp = true;
+            v.set_required_spec_claims(&["exp"]);
+            if let Some(iss) = &config.issuer {
+                v.set_issuer(&[iss]);
+                v.required_spec_claims.insert("iss".into());
+            }
+            if config.audience.is_empty() {
+                v.validate_aud = false;
+            } else {
+                v.set_audience(&config.audience);
+                v.required_spec_claims.insert("aud".into());
+            }
+            v
+        };
+        Checks {
+            hmac: build(AlgorithmFamily::Hmac),
+            rsa: build(AlgorithmFamily::Rsa),
+            ec: build(AlgorithmFamily::Ec),
+            ed: build(AlgorithmFamily::Ed),
+        }
+    }
+
+    fn for_alg(&self, alg: Algorithm) -> &Validation {
+        match alg.family() {
+            AlgorithmFamily::Hmac => &self.hmac,
+            AlgorithmFamily::Rsa => &self.rsa,
+            AlgorithmFamily::Ec => &self.ec,
+            AlgorithmFamily::Ed => &self.ed,
+        }
+    }
+}
+
 /// Checks `token` against `keys`.
-pub fn verify(token: &str, keys: &KeySet, config: &JwtConfig) -> Result<Verified, Refusal> {
+pub fn verify(token: &str, keys: &KeySet, checks: &Checks) -> Result<Verified, Refusal> {
     // `alg: none` and unknown algorithms do not parse.
     let header = decode_header(token).map_err(|_| Refusal::Invalid("malformed token"))?;
+    let validation = checks.for_alg(header.alg);
     let mut seen_key = false;
     let mut last = Refusal::Invalid("no key for the token's kid");
     for key in keys.candidates(header.kid.as_deref()) {
@@ -40,23 +88,7 @@ pub fn verify(token: &str, keys: &KeySet, config: &JwtConfig) -> Result<Verified
             last = Refusal::Invalid("algorithm not allowed for the key");
             continue;
         }
-        let mut v = Validation::new(header.alg);
-        v.algorithms = key.algorithms.clone();
-        v.leeway = config.leeway.as_secs();
-        v.validate_nbf = true;
-        v.validate_exp = true;
-        v.set_required_spec_claims(&["exp"]);
-        if let Some(iss) = &config.issuer {
-            v.set_issuer(&[iss]);
-            v.required_spec_claims.insert("iss".into());
-        }
-        if config.audience.is_empty() {
-            v.validate_aud = false;
-        } else {
-            v.set_audience(&config.audience);
-            v.required_spec_claims.insert("aud".into());
-        }
-        match decode::<Map<String, Value>>(token, &key.key, &v) {
+        match decode::<Map<String, Value>>(token, &key.key, validation) {
             Ok(data) => {
                 let exp = data.claims.get("exp").and_then(seconds);
                 return Ok(Verified {
@@ -119,7 +151,7 @@ pub fn claim_text(v: &Value) -> String {
 mod tests {
     use super::*;
     use jsonwebtoken::jwk::JwkSet;
-    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    use jsonwebtoken::{encode, EncodingKey, Header};
 
     /// base64url without padding (RFC 4648 5).
     fn b64(data: &[u8]) -> String {
@@ -144,13 +176,13 @@ mod tests {
         KeySet::new(&set).expect("keys")
     }
 
-    fn config() -> JwtConfig {
-        JwtConfig {
+    fn config() -> Checks {
+        Checks::new(&JwtConfig {
             keys: crate::config::JwksSource::Url("http://127.0.0.1/".parse().expect("uri")),
             issuer: Some("https://idp/".into()),
             audience: vec!["chat".into()],
             leeway: Duration::ZERO,
-        }
+        })
     }
 
     fn token(alg: Algorithm, kid: &str, secret: &[u8], claims: Value) -> String {

@@ -98,6 +98,8 @@ const RESULTS: [&str; 7] = [
 pub struct RouteAuth {
     pub config: AuthConfig,
     keys: Option<Keys>,
+    /// The claim checks of `config.jwt`, built once.
+    checks: Option<jwt::Checks>,
     forward: Option<ForwardAuth>,
     counters: [Counter; RESULTS.len()],
 }
@@ -132,6 +134,7 @@ impl RouteAuth {
         RouteAuth {
             config: config.clone(),
             keys,
+            checks: config.jwt.as_ref().map(jwt::Checks::new),
             forward: config.forward_auth.as_ref().map(ForwardAuth::new),
             counters: RESULTS.map(|result| {
                 metrics.auth.get_or_create_owned(&AuthLabels {
@@ -151,14 +154,15 @@ impl RouteAuth {
 
     /// The request target as the access log may show it: without a query token.
     pub fn log_target(&self, uri: &Uri) -> Uri {
-        let mut probe = Request::new(());
-        *probe.uri_mut() = uri.clone();
+        let mut uri = uri.clone();
         for source in &self.config.token_from {
             if let TokenSource::Query(name) = source {
-                take_query(&mut probe, name);
+                if let Some((_, without)) = without_query(&uri, name) {
+                    uri = without;
+                }
             }
         }
-        probe.into_parts().0.uri
+        uri
     }
 
     fn count(&self, result: &'static str) -> &'static str {
@@ -185,19 +189,21 @@ impl RouteAuth {
         }
         let token = take_token(req, &c.token_from);
         let mut expires = None;
-        if let (Some(jwt), Some(keys)) = (&c.jwt, &self.keys) {
+        if let (Some(jwt), Some(keys), Some(checks)) = (&c.jwt, &self.keys, &self.checks) {
             let Some(token) = token else {
                 *outcome = Some(self.count("missing"));
                 return Err(ProxyError::TokenMissing {
                     route: route.to_string(),
                 });
             };
-            let kid = jsonwebtoken::decode_header(&token).ok().and_then(|h| h.kid);
             let set = match keys {
                 Keys::File(set) => set.clone(),
-                Keys::Url(url) => url.keys_for(kid.as_deref()).await,
+                Keys::Url(url) => {
+                    let kid = jsonwebtoken::decode_header(&token).ok().and_then(|h| h.kid);
+                    url.keys_for(kid.as_deref()).await
+                }
             };
-            let verified = jwt::verify(&token, &set, jwt).map_err(|refusal| {
+            let verified = jwt::verify(&token, &set, checks).map_err(|refusal| {
                 let route = route.to_string();
                 match refusal {
                     Refusal::Invalid(reason) => {
@@ -318,7 +324,15 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 
 /// Takes `name` out of the request target and returns its value.
 fn take_query<B>(req: &mut Request<B>, name: &str) -> Option<String> {
-    let query = req.uri().query()?;
+    let (found, uri) = without_query(req.uri(), name)?;
+    *req.uri_mut() = uri;
+    Some(found)
+}
+
+/// The first value of query parameter `name`, and `uri` with every `name` removed; None when
+/// the query has no `name`.
+fn without_query(uri: &Uri, name: &str) -> Option<(String, Uri)> {
+    let query = uri.query()?;
     let mut found = None;
     let kept: Vec<&str> = query
         .split('&')
@@ -334,19 +348,19 @@ fn take_query<B>(req: &mut Request<B>, name: &str) -> Option<String> {
             }
         })
         .collect();
-    found.as_ref()?;
-    let path = req.uri().path();
+    let found = found?;
+    let path = uri.path();
     let target = if kept.is_empty() {
         path.to_string()
     } else {
         format!("{path}?{}", kept.join("&"))
     };
-    let mut parts = req.uri().clone().into_parts();
+    let mut parts = uri.clone().into_parts();
     parts.path_and_query = target.parse().ok();
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
+    match Uri::from_parts(parts) {
+        Ok(uri) => Some((found, uri)),
+        Err(_) => Some((found, uri.clone())),
     }
-    found
 }
 
 /// Takes the `Sec-WebSocket-Protocol` entries starting with `prefix` out of the offer and

@@ -304,8 +304,10 @@ pin_project! {
         #[pin]
         body: GatewayBody,
         entry: AccessEntry,
-        // HTTP/2: reports when the body waits to be asked for more (see `stall::StreamWait`).
-        wait: Option<(Arc<StreamWait>, Arc<WriteStall>)>,
+        // HTTP/2: the connection's stall watch, and (from the first frame that does not end
+        // the body) this body's place in it (see `stall::StreamWait`).
+        stall: Option<Arc<WriteStall>>,
+        wait: Option<Arc<StreamWait>>,
     }
 }
 
@@ -316,6 +318,7 @@ impl Logged {
         Logged {
             body,
             entry,
+            stall: None,
             wait: None,
         }
     }
@@ -324,7 +327,7 @@ impl Logged {
     /// reading, so the body itself reports how long it has waited to be asked for more.
     pub fn watched(mut self, stall: &Arc<WriteStall>) -> Logged {
         if !self.body.is_end_stream() {
-            self.wait = Some((stall.stream(), stall.clone()));
+            self.stall = Some(stall.clone());
         }
         self
     }
@@ -340,7 +343,7 @@ impl Body for Logged {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         let mut body = this.body;
-        if let Some((wait, _)) = this.wait {
+        if let Some(wait) = this.wait {
             wait.asked();
         }
         let polled = body.as_mut().poll_frame(cx);
@@ -352,8 +355,12 @@ impl Body for Logged {
                 // hyper stops polling once the body says it is at its end.
                 if body.is_end_stream() {
                     this.entry.complete = true;
-                } else if let Some((wait, stall)) = this.wait {
-                    wait.waiting(stall);
+                } else if let Some(stall) = this.stall {
+                    // Registered only now: a response that ends with its first frame (most
+                    // of them) never takes a place.
+                    this.wait
+                        .get_or_insert_with(|| stall.stream())
+                        .waiting(stall);
                 }
             }
             Poll::Ready(None) => this.entry.complete = true,

@@ -40,15 +40,13 @@ pub async fn forward(
     prepare_headers(&mut parts.headers, facts, conn);
     // `[route.sse] resume`: what it takes to open an event stream again elsewhere. Only a GET
     // can be sent again (EventSource only sends GETs).
+    // Shared handles here (cheap); copied only if the answer turns out to be an event stream.
     let again = (route.config.sse.resume && parts.method == Method::GET)
         .then(|| {
-            // Copies, not slices of the request head's buffer: they live as long as the stream.
-            let path = backend_path(route, &parts.uri).ok()?;
             Some(StreamRequest {
                 method: Method::GET,
-                path: PathAndQuery::from_maybe_shared(bytes::Bytes::from(path.as_str().to_owned()))
-                    .unwrap_or(path),
-                headers: super::headers::owned_headers(&parts.headers),
+                path: backend_path(route, &parts.uri).ok()?,
+                headers: parts.headers.clone(),
                 client: conn.client,
             })
         })
@@ -105,8 +103,16 @@ pub async fn forward(
         }
         return Ok(response.map(|body| {
             GatewayBody::boxed(
-                SseBody::new(body, route, conn.id, drain, encoded, again, line)
-                    .expiring(expires_at),
+                SseBody::new(
+                    body,
+                    route,
+                    conn.id,
+                    drain,
+                    encoded,
+                    again.map(StreamRequest::owned),
+                    line,
+                )
+                .expiring(expires_at),
             )
         }));
     }

@@ -322,9 +322,7 @@ impl Gateway {
                 crate::auth::Verdict::Pass(None) => {}
             }
         }
-        if is_websocket || accepts_event_stream(req.headers()) {
-            admit_stream(&route)?;
-        }
+        admit_stream(&route, is_websocket, req.headers())?;
         if is_websocket {
             websocket::bridge(&route, req, &facts, conn, &self.drain, entry).await
         } else {
@@ -449,17 +447,27 @@ fn accepts_event_stream(headers: &http::HeaderMap) -> bool {
 /// `max_new_streams_per_second`: a new WebSocket or stream takes a token of the route's bucket,
 /// or gets 503 with a `Retry-After` of 1 to 5 s, random so that refused clients do not come
 /// back together.
-fn admit_stream(route: &Route) -> Result<(), ProxyError> {
-    match &route.stream_admission {
-        Some(bucket) if !bucket.take() => {
-            route.metrics.admission_rejected.inc();
-            Err(ProxyError::StreamsLimited {
-                route: route.name.clone(),
-                retry_after: fastrand::u64(1..=5),
-            })
-        }
-        _ => Ok(()),
+/// Only WebSocket upgrades and event-stream requests take a token; the `Accept` header is
+/// read only on routes that have the limit.
+fn admit_stream(
+    route: &Route,
+    is_websocket: bool,
+    headers: &http::HeaderMap,
+) -> Result<(), ProxyError> {
+    let Some(bucket) = &route.stream_admission else {
+        return Ok(());
+    };
+    if !is_websocket && !accepts_event_stream(headers) {
+        return Ok(());
     }
+    if bucket.take() {
+        return Ok(());
+    }
+    route.metrics.admission_rejected.inc();
+    Err(ProxyError::StreamsLimited {
+        route: route.name.clone(),
+        retry_after: fastrand::u64(1..=5),
+    })
 }
 
 /// The gateway's own answer to an error: the status, and the reason as a one-line text body.

@@ -264,6 +264,34 @@ impl TestGateway {
         Client::over_tls(proto, tls, authority).await
     }
 
+    /// Writes `request` as raw bytes on a new HTTP/1.1 TLS connection (SNI `gw.test`) and
+    /// reads until the gateway closes it: the status and the whole response text.
+    pub async fn raw_h1(&self, request: &[u8]) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tls =
+            tls_connect(self.https, &self.ca, Some("gw.test"), &[b"http/1.1"], true).await;
+        tls.write_all(request).await.expect("write the request");
+        tls.flush().await.expect("flush");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        within("the gateway to answer and close", async {
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let status = text
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|t| t.get(..3))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP/1.1 response: {text:?}"));
+        (status, text)
+    }
+
     /// A client on the plain listener.
     pub async fn plain_client(&self, proto: Proto, authority: &str) -> Client {
         let addr = self.http.expect("gateway was built with a plain listener");

@@ -30,6 +30,19 @@ pub struct StreamRequest {
 }
 
 impl StreamRequest {
+    /// The same request in allocations of its own: it lives as long as the stream, and must
+    /// not keep the request head's buffer alive (see `headers::owned_value`).
+    pub fn owned(self) -> StreamRequest {
+        let path =
+            PathAndQuery::from_maybe_shared(bytes::Bytes::from(self.path.as_str().to_owned()))
+                .unwrap_or(self.path);
+        StreamRequest {
+            path,
+            headers: crate::proxy::headers::owned_headers(&self.headers),
+            ..self
+        }
+    }
+
     /// The client's own `Last-Event-ID`: where the stream stands before any event arrived.
     pub fn last_event_id(&self) -> Option<String> {
         self.headers
