@@ -49,13 +49,6 @@ impl StreamWait {
         self.since.store(stall.now_ms(), Ordering::Relaxed);
     }
 
-    /// A write could not proceed: waiting, since now unless it already was.
-    fn still_waiting(&self, stall: &WriteStall) {
-        if self.since.load(Ordering::Relaxed) == 0 {
-            self.since.store(stall.now_ms(), Ordering::Relaxed);
-        }
-    }
-
     /// hyper asks for more (or the body has ended): not waiting.
     pub fn asked(&self) {
         if self.since.load(Ordering::Relaxed) != 0 {
@@ -131,6 +124,11 @@ impl WriteStall {
         }
     }
 
+    /// `limits.write_stall_timeout`.
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+
     fn now_ms(&self) -> u64 {
         self.base.elapsed().as_millis() as u64 + 1
     }
@@ -181,45 +179,27 @@ impl WriteStall {
 }
 
 pin_project_lite::pin_project! {
-    /// An I/O whose writes report to a [`WriteStall`]: a client connection's socket, or an
-    /// HTTP/2 stream the gateway writes to itself (a WebSocket over extended CONNECT), whose
-    /// writes wait on the stream's flow control rather than the socket and so report through
-    /// a [`StreamWait`] of their own.
+    /// A client connection's socket, whose writes report to a [`WriteStall`]. (A WebSocket
+    /// tunnel, the only writer to its client once upgraded, times its own blocked writes.)
     pub struct Watched<I> {
         #[pin]
         io: I,
         stall: Arc<WriteStall>,
-        stream: Option<Arc<StreamWait>>,
     }
 }
 
 impl<I> Watched<I> {
     /// A client connection's socket.
     pub fn new(io: I, stall: Arc<WriteStall>) -> Watched<I> {
-        Watched {
-            io,
-            stall,
-            stream: None,
-        }
-    }
-
-    /// An HTTP/2 stream of the connection `stall` watches.
-    pub fn stream(io: I, stall: Arc<WriteStall>) -> Watched<I> {
-        let stream = Some(stall.stream());
-        Watched { io, stall, stream }
+        Watched { io, stall }
     }
 }
 
-fn note<T>(
-    stall: &WriteStall,
-    stream: &Option<Arc<StreamWait>>,
-    polled: Poll<io::Result<T>>,
-) -> Poll<io::Result<T>> {
-    match (&polled, stream) {
-        (Poll::Pending, None) => stall.blocked(),
-        (Poll::Ready(_), None) => stall.progressed(),
-        (Poll::Pending, Some(wait)) => wait.still_waiting(stall),
-        (Poll::Ready(_), Some(wait)) => wait.asked(),
+fn note<T>(stall: &WriteStall, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    if polled.is_pending() {
+        stall.blocked();
+    } else {
+        stall.progressed();
     }
     polled
 }
@@ -241,7 +221,7 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        note(this.stall, this.stream, this.io.poll_write(cx, buf))
+        note(this.stall, this.io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -250,11 +230,7 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        note(
-            this.stall,
-            this.stream,
-            this.io.poll_write_vectored(cx, bufs),
-        )
+        note(this.stall, this.io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -263,7 +239,7 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
-        note(this.stall, this.stream, this.io.poll_flush(cx))
+        note(this.stall, this.io.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

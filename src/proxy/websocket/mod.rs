@@ -200,8 +200,7 @@ pub async fn bridge(
         conn_id: conn.id,
         line,
         drain: drain.clone(),
-        write_stall: conn.write_stall.clone(),
-        h2,
+        write_stall: conn.write_stall.limit(),
         // Registered on its backend, which may ask it to move (drain, rebalance).
         held: open.backend().hold(),
         expires_at,
@@ -230,9 +229,8 @@ struct Tunnel {
     /// Written when the tunnel is dropped, however it ends.
     line: AccessLine,
     drain: Drain,
-    write_stall: Arc<crate::stall::WriteStall>,
-    /// An RFC 8441 tunnel: the client side is an HTTP/2 stream.
-    h2: bool,
+    /// `limits.write_stall_timeout`, which the relay applies to its own writes to the client.
+    write_stall: std::time::Duration,
     held: crate::upstream::Held,
     /// When the token the WebSocket was opened with expires (`end_at_expiry`).
     expires_at: Option<tokio::time::Instant>,
@@ -269,7 +267,7 @@ impl Tunnel {
             idle_timeout: ws.idle_timeout,
             max_message_size: ws.max_message_size,
             max_messages_per_second: ws.max_messages_per_second,
-            write_stall: Some(self.write_stall.clone()),
+            write_stall: Some(self.write_stall),
             moves: Some(self.held.signal().clone()),
             age_at: crate::upstream::held::age_deadline(route.config.max_connection_age),
             expires_at: self.expires_at,
@@ -277,14 +275,10 @@ impl Tunnel {
         let metrics = &route.metrics;
         metrics.websockets.inc();
         let (client, backend_io) = (TokioIo::new(client), TokioIo::new(backend_io));
-        let stats = if self.h2 {
-            // Writes to an HTTP/2 stream wait on its flow control, which the socket-level
-            // stall watch cannot see: the stream reports its own waits.
-            let client = crate::stall::Watched::stream(client, self.write_stall.clone());
-            relay(client, backend_io, config, &self.drain).await
-        } else {
-            relay(client, backend_io, config, &self.drain).await
-        };
+        // One relay for both protocols: over HTTP/2 the client side is the tunnel's stream,
+        // whose flow control can stop the gateway's writes before the socket fills; the relay
+        // watches its own writes either way.
+        let stats = relay(client, backend_io, config, &self.drain).await;
         metrics.websockets.dec();
         if stats.reason == Some("token expired") {
             route

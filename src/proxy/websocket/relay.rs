@@ -36,9 +36,11 @@ pub struct RelayConfig {
     pub max_message_size: Option<u64>,
     /// Messages a second the client may send (bursts of twice that).
     pub max_messages_per_second: Option<u32>,
-    /// The client connection's write progress: a client that stops reading while data waits
-    /// for `limits.write_stall_timeout` ends the tunnel.
-    pub write_stall: Option<std::sync::Arc<crate::stall::WriteStall>>,
+    /// `limits.write_stall_timeout`: a client that takes none of the bytes waiting for it
+    /// for this long ends the tunnel. The relay is the only writer to the client (an HTTP/1.1
+    /// socket after the upgrade, or the tunnel's own HTTP/2 stream, whose flow control can
+    /// stop the gateway before the socket fills), so its own blocked writes are the measure.
+    pub write_stall: Option<Duration>,
     /// Asked to move off its backend (`backend_drain`, `rebalance`): the client gets the
     /// reason's close code and reconnects, the balancer places it again.
     pub moves: Option<std::sync::Arc<crate::upstream::held::MoveSignal>>,
@@ -137,6 +139,10 @@ enum Event {
     TooFast,
     /// The source sent bytes that are not a WebSocket frame.
     Invalid(&'static str),
+    /// The client stopped taking bytes, and the relay's timer is set later than
+    /// `write_stall_timeout` from then. (The relay's own, not a pump's: it is looked for once
+    /// both pumps wait, and at most once per timer setting, not at every full socket buffer.)
+    Blocked,
 }
 
 /// One direction: source -> destination, tracking frame boundaries.
@@ -167,6 +173,8 @@ struct Pump {
     shutdown_pending: bool,
     needs_flush: bool,
     close_sent: bool,
+    /// Since when the destination has taken no bytes while some waited; `None` while it does.
+    blocked_since: Option<Instant>,
     last_read: Instant,
     stats: DirectionStats,
     /// The client's message rate (client -> backend only).
@@ -200,6 +208,7 @@ impl Pump {
             shutdown_pending: false,
             needs_flush: false,
             close_sent: false,
+            blocked_since: None,
             last_read: Instant::now(),
             stats: DirectionStats::default(),
             rate: None,
@@ -261,7 +270,10 @@ impl Pump {
                 if self.frame_left == 0 {
                     if let Some(frame) = self.inject.front() {
                         let n = match dst.as_mut().poll_write(cx, &frame[self.inject_at..]) {
-                            Poll::Pending => return (at, Stop::Blocked),
+                            Poll::Pending => {
+                                self.blocked();
+                                return (at, Stop::Blocked);
+                            }
                             Poll::Ready(Ok(0)) => {
                                 let e = io::ErrorKind::WriteZero.into();
                                 return (at, Stop::Event(Event::WriteFailed(e)));
@@ -270,6 +282,7 @@ impl Pump {
                             Poll::Ready(Err(e)) => return (at, Stop::Event(Event::WriteFailed(e))),
                         };
                         self.needs_flush = true;
+                        self.blocked_since = None;
                         self.inject_at += n;
                         if self.inject_at == frame.len() {
                             if frame[0] & 0x0F == frame::OP_CLOSE {
@@ -299,7 +312,10 @@ impl Pump {
             }
             let end = at + self.unsent;
             let written = match dst.as_mut().poll_write(cx, &data[at..end]) {
-                Poll::Pending => return (at, Stop::Blocked),
+                Poll::Pending => {
+                    self.blocked();
+                    return (at, Stop::Blocked);
+                }
                 Poll::Ready(Ok(0)) => {
                     let e = io::ErrorKind::WriteZero.into();
                     return (at, Stop::Event(Event::WriteFailed(e)));
@@ -308,6 +324,7 @@ impl Pump {
                 Poll::Ready(Err(e)) => return (at, Stop::Event(Event::WriteFailed(e))),
             };
             self.needs_flush = true;
+            self.blocked_since = None;
             at += written;
             self.unsent -= written;
             self.stats.bytes += written as u64;
@@ -401,9 +418,15 @@ impl Pump {
                 }
                 // 2. Everything forwardable is written: flush before waiting for more.
                 if self.needs_flush {
-                    if let Err(e) = ready!(dst.as_mut().poll_flush(cx)) {
-                        return Poll::Ready(Event::WriteFailed(e));
+                    match dst.as_mut().poll_flush(cx) {
+                        Poll::Pending => {
+                            self.blocked();
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Event::WriteFailed(e)),
+                        Poll::Ready(Ok(())) => {}
                     }
+                    self.blocked_since = None;
                     self.needs_flush = false;
                 }
                 if self.shutdown_pending
@@ -463,6 +486,13 @@ impl Pump {
         }
     }
 
+    /// The destination took nothing: the stall clock starts unless it runs already.
+    fn blocked(&mut self) {
+        if self.blocked_since.is_none() {
+            self.blocked_since = Some(Instant::now());
+        }
+    }
+
     /// Keeps the unwritten tail of `pending`, releasing the allocation once it is all out.
     fn keep_unsent(&mut self, mut pending: Vec<u8>, used: usize) {
         if self.discard {
@@ -504,25 +534,32 @@ where
     let mut down = Pump::new(false); // backend -> client
     let mut outcome = Outcome::default();
 
-    // One timer for the idle timeout, the connection's age and its slot in a paced shutdown,
-    // reused as the linger deadline once closing.
+    // One timer for everything timed: the idle timeout, the next ping, the connection's age,
+    // its token's expiry, a client's write stall and its slot in a paced shutdown; reused as
+    // the linger deadline once closing. (An idle tunnel is mostly this task's state: one
+    // timer, and no future kept per source of events, keeps it small.)
     let mut closing = false;
     // When a paced shutdown (`[shutdown] spread`) has this tunnel close.
     let mut spread_at: Option<Instant> = None;
-    let next_check = |last: Instant, spread_at: Option<Instant>| {
-        let idle = last + config.idle_timeout;
-        [config.age_at, spread_at, config.expires_at]
+    let mut next_ping = config.ping_interval.map(|every| Instant::now() + every);
+    let stall_at =
+        |down: &Pump| Option::zip(down.blocked_since, config.write_stall).map(|(t, d)| t + d);
+    let next_check =
+        |last: Instant, down: &Pump, spread_at: Option<Instant>, next_ping: Option<Instant>| {
+            let idle = last + config.idle_timeout;
+            [
+                config.age_at,
+                spread_at,
+                config.expires_at,
+                next_ping,
+                stall_at(down),
+            ]
             .into_iter()
             .flatten()
             .fold(idle, Instant::min)
-    };
-    let deadline = tokio::time::sleep_until(next_check(Instant::now(), None));
+        };
+    let deadline = tokio::time::sleep_until(next_check(Instant::now(), &down, None, next_ping));
     tokio::pin!(deadline);
-    let ping_every = config
-        .ping_interval
-        .unwrap_or(Duration::from_secs(86_400 * 365));
-    let ping = tokio::time::sleep(ping_every);
-    tokio::pin!(ping);
     // Starts the close: peers get LINGER to finish it, then the relay ends.
     let linger = |closing: &mut bool, deadline: Pin<&mut tokio::time::Sleep>| {
         if !*closing {
@@ -540,13 +577,21 @@ where
         if up.read_done && down.read_done {
             break;
         }
+        // The client's write stall must be seen by the timer: an earlier setting is needed
+        // only when the timer is set beyond it (and never while closing: linger rules then).
+        let timer_at = (!closing).then(|| deadline.deadline());
         let (side, event) = tokio::select! {
             e = poll_fn(|cx| {
                 if let Poll::Ready(e) = up.poll(cx, Pin::new(&mut client), Pin::new(&mut backend), config.max_message_size) {
                     return Poll::Ready((ClosedBy::Client, e));
                 }
-                down.poll(cx, Pin::new(&mut backend), Pin::new(&mut client), config.max_message_size)
-                    .map(|e| (ClosedBy::Backend, e))
+                if let Poll::Ready(e) = down.poll(cx, Pin::new(&mut backend), Pin::new(&mut client), config.max_message_size) {
+                    return Poll::Ready((ClosedBy::Backend, e));
+                }
+                match (stall_at(&down), timer_at) {
+                    (Some(at), Some(timer)) if at < timer => Poll::Ready((ClosedBy::Backend, Event::Blocked)),
+                    _ => Poll::Pending,
+                }
             }) => e,
             _ = &mut deadline => {
                 if closing {
@@ -554,6 +599,17 @@ where
                 }
                 let now = Instant::now();
                 let last = up.last_read.max(down.last_read);
+                if let (Some(every), Some(at)) = (config.ping_interval, next_ping) {
+                    if at <= now {
+                        // A ping once the client has sent nothing for the interval.
+                        next_ping = Some(if now.duration_since(up.last_read) >= every {
+                            down.push_ping();
+                            now + every
+                        } else {
+                            up.last_read + every
+                        });
+                    }
+                }
                 if spread_at.is_some_and(|at| at <= now) {
                     outcome.gateway(frame::CLOSE_GOING_AWAY, "shutdown");
                     close_both(&mut up, &mut down, "server shutting down");
@@ -566,62 +622,48 @@ where
                 } else if config.age_at.is_some_and(|at| at <= now) {
                     move_tunnel(MoveReason::Age, &mut up, &mut down, &mut outcome);
                     linger(&mut closing, deadline.as_mut());
+                } else if stall_at(&down).is_some_and(|at| at <= now) {
+                    // Nothing more can reach the client: the backend gets 1001, then both go.
+                    outcome.gateway(frame::CLOSE_GOING_AWAY, "client stopped reading");
+                    up.push_close(frame::CLOSE_GOING_AWAY, "client stopped reading");
+                    down.discard = true;
+                    down.write_done = true;
+                    linger(&mut closing, deadline.as_mut());
                 } else if now.duration_since(last) >= config.idle_timeout {
                     outcome.gateway(frame::CLOSE_GOING_AWAY, "idle timeout");
                     close_both(&mut up, &mut down, "idle timeout");
                     linger(&mut closing, deadline.as_mut());
                 } else {
-                    deadline.as_mut().reset(next_check(last, spread_at));
+                    deadline.as_mut().reset(next_check(last, &down, spread_at, next_ping));
                 }
                 continue;
             }
-            reason = async {
-                match &config.moves {
-                    Some(m) => m.wait().await,
-                    None => std::future::pending().await,
-                }
-            }, if !closing => {
+            reason = poll_fn(|cx| match &config.moves {
+                Some(m) => m.poll_asked(cx),
+                None => Poll::Pending,
+            }), if !closing => {
                 move_tunnel(reason, &mut up, &mut down, &mut outcome);
                 linger(&mut closing, deadline.as_mut());
                 continue;
             }
-            _ = &mut ping, if config.ping_interval.is_some() && !closing => {
-                if up.last_read.elapsed() >= ping_every {
-                    down.push_ping();
-                    ping.as_mut().reset(Instant::now() + ping_every);
-                } else {
-                    ping.as_mut().reset(up.last_read + ping_every);
+            // Shutdown's two stages, one at a time: the drain, then the cut at the grace's end.
+            _ = if drained { drain.cut() } else { drain.draining() } => {
+                if drained {
+                    break;
                 }
-                continue;
-            }
-            _ = drain.draining(), if !drained => {
                 drained = true;
                 let delay = drain.spread_delay();
                 if !delay.is_zero() && !closing {
                     // A paced shutdown: this tunnel's turn comes later.
                     let at = Instant::now() + delay;
                     spread_at = Some(at);
-                    deadline.as_mut().reset(next_check(up.last_read.max(down.last_read), spread_at));
+                    let last = up.last_read.max(down.last_read);
+                    deadline.as_mut().reset(next_check(last, &down, spread_at, next_ping));
                     continue;
                 }
                 outcome.gateway(frame::CLOSE_GOING_AWAY, "shutdown");
                 close_both(&mut up, &mut down, "server shutting down");
                 // Peers get the grace period to answer; the cut ends what is left.
-                continue;
-            }
-            _ = drain.cut() => break,
-            _ = async {
-                match &config.write_stall {
-                    Some(stall) => stall.stalled().await,
-                    None => std::future::pending().await,
-                }
-            }, if !closing => {
-                // Nothing more can reach the client: the backend gets 1001, then both go.
-                outcome.gateway(frame::CLOSE_GOING_AWAY, "client stopped reading");
-                up.push_close(frame::CLOSE_GOING_AWAY, "client stopped reading");
-                down.discard = true;
-                down.write_done = true;
-                linger(&mut closing, deadline.as_mut());
                 continue;
             }
         };
@@ -689,6 +731,12 @@ where
                 to.push_close(frame::CLOSE_POLICY, "message rate exceeded");
                 from.push_close(frame::CLOSE_GOING_AWAY, "client sent messages too fast");
                 linger(&mut closing, deadline.as_mut());
+            }
+            Event::Blocked => {
+                // `from` is the backend -> client direction.
+                if let Some(at) = stall_at(from) {
+                    deadline.as_mut().reset(at);
+                }
             }
             Event::Invalid(why) => {
                 outcome.gateway(frame::CLOSE_PROTOCOL_ERROR, why);
