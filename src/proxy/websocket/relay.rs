@@ -519,242 +519,249 @@ fn random_mask() -> [u8; 4] {
 
 /// Relays between an upgraded client and backend until both sides are done, the gateway closes
 /// the connection (size limit, idle timeout, drain), or the drain's grace period ends.
-pub async fn relay<C, B>(
+///
+/// Not an `async fn`: one keeps a second copy of its arguments for as long as it runs
+/// (rust-lang/rust#62958), 216 bytes more in every idle tunnel's task.
+#[allow(clippy::manual_async_fn)]
+pub fn relay<'d, C, B>(
     mut client: C,
     mut backend: B,
     config: RelayConfig,
-    drain: &Drain,
-) -> RelayStats
+    drain: &'d Drain,
+) -> impl std::future::Future<Output = RelayStats> + 'd
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + 'd,
+    B: AsyncRead + AsyncWrite + Unpin + 'd,
 {
-    let mut up = Pump::new(true); // client -> backend
-    up.rate = config.max_messages_per_second.map(MessageRate::new);
-    let mut down = Pump::new(false); // backend -> client
-    let mut outcome = Outcome::default();
+    async move {
+        let mut up = Pump::new(true); // client -> backend
+        up.rate = config.max_messages_per_second.map(MessageRate::new);
+        let mut down = Pump::new(false); // backend -> client
+        let mut outcome = Outcome::default();
 
-    // One timer for everything timed: the idle timeout, the next ping, the connection's age,
-    // its token's expiry, a client's write stall and its slot in a paced shutdown; reused as
-    // the linger deadline once closing. (An idle tunnel is mostly this task's state: one
-    // timer, and no future kept per source of events, keeps it small.)
-    let mut closing = false;
-    // When a paced shutdown (`[shutdown] spread`) has this tunnel close.
-    let mut spread_at: Option<Instant> = None;
-    let mut next_ping = config.ping_interval.map(|every| Instant::now() + every);
-    let stall_at =
-        |down: &Pump| Option::zip(down.blocked_since, config.write_stall).map(|(t, d)| t + d);
-    let next_check =
-        |last: Instant, down: &Pump, spread_at: Option<Instant>, next_ping: Option<Instant>| {
-            let idle = last + config.idle_timeout;
-            [
-                config.age_at,
-                spread_at,
-                config.expires_at,
-                next_ping,
-                stall_at(down),
-            ]
-            .into_iter()
-            .flatten()
-            .fold(idle, Instant::min)
+        // One timer for everything timed: the idle timeout, the next ping, the connection's age,
+        // its token's expiry, a client's write stall and its slot in a paced shutdown; reused as
+        // the linger deadline once closing. (An idle tunnel is mostly this task's state: one
+        // timer, and no future kept per source of events, keeps it small.)
+        let mut closing = false;
+        // When a paced shutdown (`[shutdown] spread`) has this tunnel close.
+        let mut spread_at: Option<Instant> = None;
+        let mut next_ping = config.ping_interval.map(|every| Instant::now() + every);
+        let stall_at =
+            |down: &Pump| Option::zip(down.blocked_since, config.write_stall).map(|(t, d)| t + d);
+        let next_check =
+            |last: Instant, down: &Pump, spread_at: Option<Instant>, next_ping: Option<Instant>| {
+                let idle = last + config.idle_timeout;
+                [
+                    config.age_at,
+                    spread_at,
+                    config.expires_at,
+                    next_ping,
+                    stall_at(down),
+                ]
+                .into_iter()
+                .flatten()
+                .fold(idle, Instant::min)
+            };
+        let deadline = tokio::time::sleep_until(next_check(Instant::now(), &down, None, next_ping));
+        tokio::pin!(deadline);
+        // Starts the close: peers get LINGER to finish it, then the relay ends.
+        let linger = |closing: &mut bool, deadline: Pin<&mut tokio::time::Sleep>| {
+            if !*closing {
+                *closing = true;
+                deadline.reset(Instant::now() + LINGER);
+            }
         };
-    let deadline = tokio::time::sleep_until(next_check(Instant::now(), &down, None, next_ping));
-    tokio::pin!(deadline);
-    // Starts the close: peers get LINGER to finish it, then the relay ends.
-    let linger = |closing: &mut bool, deadline: Pin<&mut tokio::time::Sleep>| {
-        if !*closing {
-            *closing = true;
-            deadline.reset(Instant::now() + LINGER);
+        let mut drained = drain.is_draining();
+        if drained {
+            outcome.gateway(frame::CLOSE_GOING_AWAY, "shutdown");
+            close_both(&mut up, &mut down, "server shutting down");
         }
-    };
-    let mut drained = drain.is_draining();
-    if drained {
-        outcome.gateway(frame::CLOSE_GOING_AWAY, "shutdown");
-        close_both(&mut up, &mut down, "server shutting down");
-    }
 
-    loop {
-        if up.read_done && down.read_done {
-            break;
-        }
-        // The client's write stall must be seen by the timer: an earlier setting is needed
-        // only when the timer is set beyond it (and never while closing: linger rules then).
-        let timer_at = (!closing).then(|| deadline.deadline());
-        let (side, event) = tokio::select! {
-            e = poll_fn(|cx| {
-                if let Poll::Ready(e) = up.poll(cx, Pin::new(&mut client), Pin::new(&mut backend), config.max_message_size) {
-                    return Poll::Ready((ClosedBy::Client, e));
-                }
-                if let Poll::Ready(e) = down.poll(cx, Pin::new(&mut backend), Pin::new(&mut client), config.max_message_size) {
-                    return Poll::Ready((ClosedBy::Backend, e));
-                }
-                match (stall_at(&down), timer_at) {
-                    (Some(at), Some(timer)) if at < timer => Poll::Ready((ClosedBy::Backend, Event::Blocked)),
-                    _ => Poll::Pending,
-                }
-            }) => e,
-            _ = &mut deadline => {
-                if closing {
-                    break;
-                }
-                let now = Instant::now();
-                let last = up.last_read.max(down.last_read);
-                if let (Some(every), Some(at)) = (config.ping_interval, next_ping) {
-                    if at <= now {
-                        // A ping once the client has sent nothing for the interval.
-                        next_ping = Some(if now.duration_since(up.last_read) >= every {
-                            down.push_ping();
-                            now + every
-                        } else {
-                            up.last_read + every
-                        });
+        loop {
+            if up.read_done && down.read_done {
+                break;
+            }
+            // The client's write stall must be seen by the timer: an earlier setting is needed
+            // only when the timer is set beyond it (and never while closing: linger rules then).
+            let timer_at = (!closing).then(|| deadline.deadline());
+            let (side, event) = tokio::select! {
+                e = poll_fn(|cx| {
+                    if let Poll::Ready(e) = up.poll(cx, Pin::new(&mut client), Pin::new(&mut backend), config.max_message_size) {
+                        return Poll::Ready((ClosedBy::Client, e));
                     }
-                }
-                if spread_at.is_some_and(|at| at <= now) {
-                    outcome.gateway(frame::CLOSE_GOING_AWAY, "shutdown");
-                    close_both(&mut up, &mut down, "server shutting down");
-                    linger(&mut closing, deadline.as_mut());
-                } else if config.expires_at.is_some_and(|at| at <= now) {
-                    outcome.gateway(frame::CLOSE_POLICY, "token expired");
-                    down.push_close(frame::CLOSE_POLICY, "token expired");
-                    up.push_close(frame::CLOSE_GOING_AWAY, "client token expired");
-                    linger(&mut closing, deadline.as_mut());
-                } else if config.age_at.is_some_and(|at| at <= now) {
-                    move_tunnel(MoveReason::Age, &mut up, &mut down, &mut outcome);
-                    linger(&mut closing, deadline.as_mut());
-                } else if stall_at(&down).is_some_and(|at| at <= now) {
-                    // Nothing more can reach the client: the backend gets 1001, then both go.
-                    outcome.gateway(frame::CLOSE_GOING_AWAY, "client stopped reading");
-                    up.push_close(frame::CLOSE_GOING_AWAY, "client stopped reading");
-                    down.discard = true;
-                    down.write_done = true;
-                    linger(&mut closing, deadline.as_mut());
-                } else if now.duration_since(last) >= config.idle_timeout {
-                    outcome.gateway(frame::CLOSE_GOING_AWAY, "idle timeout");
-                    close_both(&mut up, &mut down, "idle timeout");
-                    linger(&mut closing, deadline.as_mut());
-                } else {
-                    deadline.as_mut().reset(next_check(last, &down, spread_at, next_ping));
-                }
-                continue;
-            }
-            reason = poll_fn(|cx| match &config.moves {
-                Some(m) => m.poll_asked(cx),
-                None => Poll::Pending,
-            }), if !closing => {
-                move_tunnel(reason, &mut up, &mut down, &mut outcome);
-                linger(&mut closing, deadline.as_mut());
-                continue;
-            }
-            // Shutdown's two stages, one at a time: the drain, then the cut at the grace's end.
-            _ = if drained { drain.cut() } else { drain.draining() } => {
-                if drained {
-                    break;
-                }
-                drained = true;
-                let delay = drain.spread_delay();
-                if !delay.is_zero() && !closing {
-                    // A paced shutdown: this tunnel's turn comes later.
-                    let at = Instant::now() + delay;
-                    spread_at = Some(at);
+                    if let Poll::Ready(e) = down.poll(cx, Pin::new(&mut backend), Pin::new(&mut client), config.max_message_size) {
+                        return Poll::Ready((ClosedBy::Backend, e));
+                    }
+                    match (stall_at(&down), timer_at) {
+                        (Some(at), Some(timer)) if at < timer => Poll::Ready((ClosedBy::Backend, Event::Blocked)),
+                        _ => Poll::Pending,
+                    }
+                }) => e,
+                _ = &mut deadline => {
+                    if closing {
+                        break;
+                    }
+                    let now = Instant::now();
                     let last = up.last_read.max(down.last_read);
-                    deadline.as_mut().reset(next_check(last, &down, spread_at, next_ping));
+                    if let (Some(every), Some(at)) = (config.ping_interval, next_ping) {
+                        if at <= now {
+                            // A ping once the client has sent nothing for the interval.
+                            next_ping = Some(if now.duration_since(up.last_read) >= every {
+                                down.push_ping();
+                                now + every
+                            } else {
+                                up.last_read + every
+                            });
+                        }
+                    }
+                    if spread_at.is_some_and(|at| at <= now) {
+                        outcome.gateway(frame::CLOSE_GOING_AWAY, "shutdown");
+                        close_both(&mut up, &mut down, "server shutting down");
+                        linger(&mut closing, deadline.as_mut());
+                    } else if config.expires_at.is_some_and(|at| at <= now) {
+                        outcome.gateway(frame::CLOSE_POLICY, "token expired");
+                        down.push_close(frame::CLOSE_POLICY, "token expired");
+                        up.push_close(frame::CLOSE_GOING_AWAY, "client token expired");
+                        linger(&mut closing, deadline.as_mut());
+                    } else if config.age_at.is_some_and(|at| at <= now) {
+                        move_tunnel(MoveReason::Age, &mut up, &mut down, &mut outcome);
+                        linger(&mut closing, deadline.as_mut());
+                    } else if stall_at(&down).is_some_and(|at| at <= now) {
+                        // Nothing more can reach the client: the backend gets 1001, then both go.
+                        outcome.gateway(frame::CLOSE_GOING_AWAY, "client stopped reading");
+                        up.push_close(frame::CLOSE_GOING_AWAY, "client stopped reading");
+                        down.discard = true;
+                        down.write_done = true;
+                        linger(&mut closing, deadline.as_mut());
+                    } else if now.duration_since(last) >= config.idle_timeout {
+                        outcome.gateway(frame::CLOSE_GOING_AWAY, "idle timeout");
+                        close_both(&mut up, &mut down, "idle timeout");
+                        linger(&mut closing, deadline.as_mut());
+                    } else {
+                        deadline.as_mut().reset(next_check(last, &down, spread_at, next_ping));
+                    }
                     continue;
                 }
-                outcome.gateway(frame::CLOSE_GOING_AWAY, "shutdown");
-                close_both(&mut up, &mut down, "server shutting down");
-                // Peers get the grace period to answer; the cut ends what is left.
-                continue;
-            }
-        };
+                reason = poll_fn(|cx| match &config.moves {
+                    Some(m) => m.poll_asked(cx),
+                    None => Poll::Pending,
+                }), if !closing => {
+                    move_tunnel(reason, &mut up, &mut down, &mut outcome);
+                    linger(&mut closing, deadline.as_mut());
+                    continue;
+                }
+                // Shutdown's two stages, one at a time: the drain, then the cut at the grace's end.
+                _ = if drained { drain.cut() } else { drain.draining() } => {
+                    if drained {
+                        break;
+                    }
+                    drained = true;
+                    let delay = drain.spread_delay();
+                    if !delay.is_zero() && !closing {
+                        // A paced shutdown: this tunnel's turn comes later.
+                        let at = Instant::now() + delay;
+                        spread_at = Some(at);
+                        let last = up.last_read.max(down.last_read);
+                        deadline.as_mut().reset(next_check(last, &down, spread_at, next_ping));
+                        continue;
+                    }
+                    outcome.gateway(frame::CLOSE_GOING_AWAY, "shutdown");
+                    close_both(&mut up, &mut down, "server shutting down");
+                    // Peers get the grace period to answer; the cut ends what is left.
+                    continue;
+                }
+            };
 
-        // `side` is the source of the direction the event came from.
-        let (from, to) = match side {
-            ClosedBy::Client => (&mut up, &mut down),
-            _ => (&mut down, &mut up),
-        };
-        match event {
-            Event::CloseForwarded(code) => {
-                outcome.peer(side, code);
-                if to.close_sent {
-                    // Both Closes have passed: the handshake is complete; peers close TCP now.
+            // `side` is the source of the direction the event came from.
+            let (from, to) = match side {
+                ClosedBy::Client => (&mut up, &mut down),
+                _ => (&mut down, &mut up),
+            };
+            match event {
+                Event::CloseForwarded(code) => {
+                    outcome.peer(side, code);
+                    if to.close_sent {
+                        // Both Closes have passed: the handshake is complete; peers close TCP now.
+                        linger(&mut closing, deadline.as_mut());
+                    }
+                }
+                Event::ReadEnded(error) => {
+                    if let Some(e) = error {
+                        tracing::debug!(from = side.as_str(), error = %e, "websocket read failed");
+                    }
+                    if !from.close_sent {
+                        // The backend died or closed without a Close: the client is told 1011. A
+                        // client that vanished has no code (1006 in the log).
+                        let code =
+                            (side == ClosedBy::Backend).then_some(frame::CLOSE_INTERNAL_ERROR);
+                        outcome.peer(side, code);
+                    }
+                    if from.frame_left > 0 {
+                        // Cut mid-frame: no frame can follow, so the connection just closes.
+                        from.discard = true;
+                    } else if !from.close_sent {
+                        let (code, why) = match side {
+                            ClosedBy::Backend => {
+                                (frame::CLOSE_INTERNAL_ERROR, "backend closed the connection")
+                            }
+                            _ => (frame::CLOSE_GOING_AWAY, "client went away"),
+                        };
+                        from.push_close(code, why);
+                    }
+                    from.finish();
+                    linger(&mut closing, deadline.as_mut());
+                }
+                Event::WriteFailed(e) => {
+                    let to_name = match side {
+                        ClosedBy::Client => "backend",
+                        _ => "client",
+                    };
+                    tracing::debug!(to = to_name, error = %e, "websocket write failed");
+                    // The destination is gone: nothing more can be said to it.
+                    from.write_done = true;
+                    from.discard = true;
+                    linger(&mut closing, deadline.as_mut());
+                }
+                Event::TooBig => {
+                    outcome.gateway(frame::CLOSE_TOO_BIG, "message too big");
+                    // 1009 to the sender, 1001 to the receiver, each at its own frame boundary.
+                    to.push_close(frame::CLOSE_TOO_BIG, "message too big");
+                    from.push_close(frame::CLOSE_GOING_AWAY, "peer sent a message too big");
+                    linger(&mut closing, deadline.as_mut());
+                }
+                Event::TooFast => {
+                    outcome.gateway(frame::CLOSE_POLICY, "message rate exceeded");
+                    // 1008 to the client (only the client's direction is limited), 1001 to the
+                    // backend, each at its own frame boundary.
+                    to.push_close(frame::CLOSE_POLICY, "message rate exceeded");
+                    from.push_close(frame::CLOSE_GOING_AWAY, "client sent messages too fast");
+                    linger(&mut closing, deadline.as_mut());
+                }
+                Event::Blocked => {
+                    // `from` is the backend -> client direction.
+                    if let Some(at) = stall_at(from) {
+                        deadline.as_mut().reset(at);
+                    }
+                }
+                Event::Invalid(why) => {
+                    outcome.gateway(frame::CLOSE_PROTOCOL_ERROR, why);
+                    from.discard = true;
+                    to.push_close(frame::CLOSE_PROTOCOL_ERROR, "invalid frame");
+                    from.push_close(frame::CLOSE_GOING_AWAY, "peer sent an invalid frame");
                     linger(&mut closing, deadline.as_mut());
                 }
             }
-            Event::ReadEnded(error) => {
-                if let Some(e) = error {
-                    tracing::debug!(from = side.as_str(), error = %e, "websocket read failed");
-                }
-                if !from.close_sent {
-                    // The backend died or closed without a Close: the client is told 1011. A
-                    // client that vanished has no code (1006 in the log).
-                    let code = (side == ClosedBy::Backend).then_some(frame::CLOSE_INTERNAL_ERROR);
-                    outcome.peer(side, code);
-                }
-                if from.frame_left > 0 {
-                    // Cut mid-frame: no frame can follow, so the connection just closes.
-                    from.discard = true;
-                } else if !from.close_sent {
-                    let (code, why) = match side {
-                        ClosedBy::Backend => {
-                            (frame::CLOSE_INTERNAL_ERROR, "backend closed the connection")
-                        }
-                        _ => (frame::CLOSE_GOING_AWAY, "client went away"),
-                    };
-                    from.push_close(code, why);
-                }
-                from.finish();
-                linger(&mut closing, deadline.as_mut());
-            }
-            Event::WriteFailed(e) => {
-                let to_name = match side {
-                    ClosedBy::Client => "backend",
-                    _ => "client",
-                };
-                tracing::debug!(to = to_name, error = %e, "websocket write failed");
-                // The destination is gone: nothing more can be said to it.
-                from.write_done = true;
-                from.discard = true;
-                linger(&mut closing, deadline.as_mut());
-            }
-            Event::TooBig => {
-                outcome.gateway(frame::CLOSE_TOO_BIG, "message too big");
-                // 1009 to the sender, 1001 to the receiver, each at its own frame boundary.
-                to.push_close(frame::CLOSE_TOO_BIG, "message too big");
-                from.push_close(frame::CLOSE_GOING_AWAY, "peer sent a message too big");
-                linger(&mut closing, deadline.as_mut());
-            }
-            Event::TooFast => {
-                outcome.gateway(frame::CLOSE_POLICY, "message rate exceeded");
-                // 1008 to the client (only the client's direction is limited), 1001 to the
-                // backend, each at its own frame boundary.
-                to.push_close(frame::CLOSE_POLICY, "message rate exceeded");
-                from.push_close(frame::CLOSE_GOING_AWAY, "client sent messages too fast");
-                linger(&mut closing, deadline.as_mut());
-            }
-            Event::Blocked => {
-                // `from` is the backend -> client direction.
-                if let Some(at) = stall_at(from) {
-                    deadline.as_mut().reset(at);
-                }
-            }
-            Event::Invalid(why) => {
-                outcome.gateway(frame::CLOSE_PROTOCOL_ERROR, why);
-                from.discard = true;
-                to.push_close(frame::CLOSE_PROTOCOL_ERROR, "invalid frame");
-                from.push_close(frame::CLOSE_GOING_AWAY, "peer sent an invalid frame");
-                linger(&mut closing, deadline.as_mut());
-            }
         }
-    }
 
-    RelayStats {
-        to_backend: up.stats,
-        to_client: down.stats,
-        closed_by: outcome.closed_by.unwrap_or(ClosedBy::Gateway),
-        close_code: outcome.close_code,
-        reason: outcome.reason,
-        moved: outcome.moved,
+        RelayStats {
+            to_backend: up.stats,
+            to_client: down.stats,
+            closed_by: outcome.closed_by.unwrap_or(ClosedBy::Gateway),
+            close_code: outcome.close_code,
+            reason: outcome.reason,
+            moved: outcome.moved,
+        }
     }
 }
 
