@@ -9,8 +9,6 @@ use clap::{Parser, Subcommand};
 use streamgate::config::Config;
 use streamgate::{tls, Listeners};
 
-/// mimalloc rather than the C library's allocator: the request path allocates small, short-
-/// lived buffers on every request, and musl's allocator (the static image's) is slow at that.
 /// `streamgate --version`: the crate version, the git commit and the build date (build.rs).
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
@@ -21,6 +19,11 @@ const VERSION: &str = concat!(
     ")"
 );
 
+/// mimalloc rather than the C library's allocator: the request path allocates small, short-
+/// lived buffers on every request, and musl's allocator (the static image's) is slow at that.
+/// Without the default `mimalloc` feature the C library's allocator serves, which heap
+/// profilers such as heaptrack can follow (bench/README.md).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
