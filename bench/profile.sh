@@ -2,12 +2,14 @@
 # Where streamgate's CPU time goes in one bench scenario (issue 10: "profile each row that
 # trails"): builds streamgate with frame pointers and line tables (target/profiling/, the
 # release profile otherwise), runs the scenario against streamgate alone, one round, with
-# `perf record -e cpu-clock` attached to the gateway for its whole life, then prints the time
+# `perf record -e cpu-clock` following each gateway process it starts, then prints the time
 # by component (kernel, hyper, h2, rustls, tokio, streamgate's own code, ...) and the top
 # functions, by their own time and with their callees.
 #
 #   bench/profile.sh h1          # any scenario name of streamgate-bench (h1 h2 ws-echo ...)
 #   bench/profile.sh h2 --quick  # arguments after the name go to the bench
+#
+# Scenarios whose gateway lives under a second (bulk-http, bulk-ws) end before perf attaches.
 #
 # The perf data and both reports stay in target/profiling/<scenario>-<UTC>/. Needs perf
 # (Debian's linux-perf; cpu-clock works where hardware counters do not), and what
@@ -15,7 +17,7 @@
 set -euo pipefail
 
 if (($# < 1)); then
-    sed -n '2,14p' "$0" >&2
+    sed -n '2,16p' "$0" >&2
     exit 2
 fi
 scenario=$1
@@ -37,33 +39,51 @@ taskset -c 1 target/release/streamgate-bench scenario "$scenario" --gateway "$ga
     --targets streamgate --rounds 1 --results "$out" "$@" >"$out/bench.md" 2>"$out/bench.log" &
 bench=$!
 
-# The gateway the bench starts (its `check` probes come and go first): the one with a config
-# under the bench's temp dir that lives on.
-perf_pid=
-for _ in $(seq 600); do
+# perf follows each gateway process the bench starts (it restarts the gateway between phases;
+# its `check` probes do not match), one data file each; the largest is the measured phase.
+perfs=()
+last=
+while kill -0 "$bench" 2>/dev/null; do
     pid=$(pgrep -n -f "^$gateway --config" || true)
-    if [[ -n $pid ]]; then
-        perf record -q -e cpu-clock -F 999 -g -p "$pid" -o "$out/perf.data" 2>"$out/perf.log" &
-        perf_pid=$!
-        break
+    if [[ -n $pid && $pid != "$last" ]]; then
+        last=$pid
+        perf record -q -e cpu-clock -F 999 -g -p "$pid" -o "$out/perf.$pid.data" \
+            2>>"$out/perf.log" &
+        perfs+=($!)
     fi
-    kill -0 "$bench" 2>/dev/null || break
-    sleep 0.1
+    sleep 0.05
 done
-wait "$bench" || { tail -20 "$out/bench.log" >&2; echo "profile: the bench failed" >&2; exit 1; }
-if [[ -z $perf_pid ]]; then
-    echo "profile: the gateway was never seen running" >&2
+if ! wait "$bench"; then
+    tail -20 "$out/bench.log" >&2
+    echo "profile: the bench failed; its output is in $out" >&2
     exit 1
 fi
-# perf ends with the gateway it follows; bound the wait all the same.
-for _ in $(seq 100); do kill -0 "$perf_pid" 2>/dev/null || break; sleep 0.1; done
-kill -INT "$perf_pid" 2>/dev/null || true
-wait "$perf_pid" 2>/dev/null || true
+# Each perf ends with the gateway it follows; bound the wait all the same.
+for _ in $(seq 100); do
+    running=0
+    for p in ${perfs[@]+"${perfs[@]}"}; do kill -0 "$p" 2>/dev/null && running=1; done
+    ((running)) || break
+    sleep 0.1
+done
+for p in ${perfs[@]+"${perfs[@]}"}; do kill -INT "$p" 2>/dev/null || true; done
+wait || true
+data=$(ls -S "$out"/perf.*.data 2>/dev/null | sed -n 1p)
+if [[ -z $data ]]; then
+    echo "profile: perf recorded no gateway; see $out/perf.log" >&2
+    exit 1
+fi
 
-perf report -i "$out/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null \
-    >"$out/self.txt"
-perf report -i "$out/perf.data" --children --sort symbol --stdio -g none 2>/dev/null \
-    >"$out/inclusive.txt"
+report() {
+    perf report -i "$data" --sort symbol --stdio -g none "$@" 2>/dev/null
+}
+report --no-children >"$out/self.txt" || true
+report --children >"$out/inclusive.txt" || true
+if ! grep -q '^ *[0-9.]*%' "$out/self.txt"; then
+    echo "profile: no samples in $data ($(tail -3 "$out/perf.log" | tr '\n' ' '))" >&2
+    echo "profile: a gateway that lives under a second (the bulk-* scenarios) can end before" \
+        "perf has attached" >&2
+    exit 1
+fi
 
 echo "# CPU profile: $scenario ($(grep -m1 '^# Samples:' "$out/self.txt" | sed 's/^# //' || true))"
 echo
