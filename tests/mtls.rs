@@ -4,22 +4,20 @@
 use std::sync::Arc;
 
 use http::{Method, StatusCode};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, SanType};
 use rustls::RootCertStore;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::support::gateway::TestGateway;
+use crate::support::pki::TestCa;
 use crate::support::{empty, route, within, Backend, Client, GatewayBuilder, Proto};
 
 /// A CA for client certificates, written where `listen.client_ca` can read it.
 struct ClientCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
+    ca: TestCa,
     dir: tempfile::TempDir,
 }
 
@@ -31,17 +29,10 @@ struct ClientCert {
 
 impl ClientCa {
     fn new() -> ClientCa {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "streamgate test client CA");
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().expect("CA key");
-        let issuer = CertifiedIssuer::self_signed(params, key).expect("self-sign");
+        let ca = TestCa::named("streamgate test client CA");
         let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("clients-ca.pem"), issuer.pem()).expect("write CA");
-        ClientCa { issuer, dir }
+        std::fs::write(dir.path().join("clients-ca.pem"), ca.pem()).expect("write CA");
+        ClientCa { ca, dir }
     }
 
     fn path(&self) -> String {
@@ -56,12 +47,8 @@ impl ClientCa {
             format!("spiffe://gw.test/{cn}").try_into().expect("URI"),
         )];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().expect("client key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign client");
-        ClientCert {
-            der: cert.der().clone(),
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        }
+        let (der, key) = self.ca.sign(params);
+        ClientCert { der, key }
     }
 }
 

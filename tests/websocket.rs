@@ -733,12 +733,17 @@ async fn ws_ping_interval_pings_an_idle_client() {
     let (backend, _seen) = WsBackend::echo().await;
     let gw = gateway(&backend.url(), r#"{ ping_interval = "200ms" }"#).await;
     let mut ws = connect(&gw, "/ws").await;
+    let mut at = Vec::new();
     for _ in 0..2 {
         match next(&mut ws).await {
-            Message::Ping(_) => {}
+            Message::Ping(_) => at.push(std::time::Instant::now()),
             other => panic!("expected the gateway's Ping, got {other:?}"),
         }
     }
+    // Paced by the interval, not sent on every wake of the relay (a lower bound only: a busy
+    // machine can delay the second Ping, never hurry it).
+    let gap = at[1] - at[0];
+    assert!(gap >= std::time::Duration::from_millis(150), "{gap:?}");
     // The connection is still good after answering the Pings.
     echo_round_trip(&mut ws, Message::text("awake")).await;
 }

@@ -29,11 +29,14 @@ pub struct Leaf {
 
 impl TestCa {
     pub fn new() -> TestCa {
+        TestCa::named("streamgate test CA")
+    }
+
+    /// A CA whose certificate has `cn` as its common name.
+    pub fn named(cn: &str) -> TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("empty SAN list");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "streamgate test CA");
+        params.distinguished_name.push(DnType::CommonName, cn);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = KeyPair::generate().expect("generate CA key");
         let issuer = CertifiedIssuer::self_signed(params, key).expect("self-sign CA");
@@ -42,6 +45,27 @@ impl TestCa {
 
     pub fn der(&self) -> CertificateDer<'static> {
         self.issuer.der().clone()
+    }
+
+    /// The CA certificate, PEM-encoded (for a config's `client_ca`).
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// Signs `params` for a new key: the certificate's DER and the key.
+    pub fn sign(
+        &self,
+        params: CertificateParams,
+    ) -> (
+        CertificateDer<'static>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ) {
+        let key = KeyPair::generate().expect("generate key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("sign certificate");
+        let key = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        (cert.der().clone(), key.into())
     }
 
     /// A server certificate for `names` (DNS names, `*.` wildcards allowed), signed by this CA.
